@@ -1,0 +1,160 @@
+"""Gamma-weighted decomposable contrastive loss (Chen et al., "Why do We Need Large
+Batchsizes in Contrastive Learning? A Gradient-Bias Perspective", NeurIPS 2022).
+
+InfoNCE's per-anchor term -s+ + log Z is not linear in the denominator Z, so a
+minibatch estimate of Z gives a biased gradient. With 1/Z = int exp(-u Z) du the
+likelihood becomes linear in Z given an auxiliary u per anchor, and stochastic EM
+alternates
+  E-step  u_k = eps_k / Zhat_k,   eps_k ~ Gamma(shape, 1) / shape  (mean 1),
+  M-step  minimise mean_k [ -s_k+ + sg(u_k) * Zb_k ],  Zb_k = mean_{j in neg(k)} exp(s_kj),
+with Zhat_k a running estimate of anchor k's full denominator. Given u the loss
+is a sum of unbiased per-anchor terms over ANY negatives, so each device uses its
+local negatives only: no embedding crosses devices; the loss mean and the state
+update are the only communication.
+
+shape -> inf makes eps = 1: the deterministic EM, whose gradient is SogCLR's.
+"""
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from contrastive_jax.losses import common
+
+ESTIMATORS = ("per_example", "global")
+
+
+def init_gamma_state(num_examples: Optional[int] = None, estimator: str = "per_example") -> dict:
+  """State of `gamma_loss` / `gamma_clip_loss`: log running denominators, unset (-inf).
+
+  per_example: {"log_z": [2, N]}, one row per view (or per direction of the
+    two-modality form) and one entry per dataset example.
+  global: {"log_z": [2]}, one scalar per view/direction (no stable indices needed).
+  """
+  if estimator == "global":
+    return {"log_z": jnp.full((2,), -jnp.inf, jnp.float32)}
+  if estimator != "per_example":
+    raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+  if num_examples is None or num_examples < 1:
+    raise ValueError(f"per_example gamma state needs num_examples >= 1, got {num_examples}")
+  return {"log_z": jnp.full((2, num_examples), -jnp.inf, jnp.float32)}
+
+
+def _check_options(shape, rate_decay, estimator, state):
+  if estimator not in ESTIMATORS:
+    raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+  common.check_positive("shape", shape)
+  want_ndim = 2 if estimator == "per_example" else 1
+  log_z = state.get("log_z") if isinstance(state, dict) else None
+  if log_z is None or log_z.ndim != want_ndim or log_z.shape[0] != 2:
+    raise ValueError(
+        f"state for estimator={estimator!r} must be init_gamma_state(..., estimator="
+        f"{estimator!r}) with log_z of rank {want_ndim} and 2 rows, got "
+        f"{getattr(log_z, 'shape', state)}")
+  try:
+    r = float(rate_decay)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return
+  if not 0.0 <= r <= 1.0:
+    raise ValueError(f"rate_decay must be in [0, 1], got {r}")
+
+
+def _log_eps(key: jax.Array, shape: float, n: int) -> jax.Array:
+  """log of eps ~ Gamma(shape, 1) / shape, [n]; exactly 0 (eps = 1) for shape = inf."""
+  if isinstance(shape, (int, float)) and math.isinf(shape):
+    return jnp.zeros((n,), jnp.float32)
+  shape = jnp.asarray(shape, jnp.float32)
+  return jax.random.loggamma(key, shape, (n,), jnp.float32) - jnp.log(shape)
+
+
+def _em_loss(logits, positive, num_neg, state, index, key, shape, rate_decay, estimator,
+             include_positive, axis_name):
+  """Shared E/M step for both layouts. logits [2b, K] local; rows = 2 groups of b anchors."""
+  b = logits.shape[0] // 2
+  log_zb = common.log_mean_negatives(logits, positive, num_neg, include_positive)  # [2b]
+  if estimator == "per_example":
+    table, log_zhat = common.update_table(state["log_z"], index, log_zb.reshape(2, b),
+                                          rate_decay, axis_name)
+    new_state = {"log_z": table}
+  else:
+    log_z = common.update_scalar(state["log_z"], log_zb.reshape(2, b), rate_decay, axis_name)
+    log_zhat = jnp.broadcast_to(log_z[:, None], (2, b))
+    new_state = {"log_z": log_z}
+  if axis_name is not None:  # independent draws on every device
+    key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+  log_u = jax.lax.stop_gradient(_log_eps(key, shape, 2 * b) - log_zhat.reshape(-1))
+  pos = jnp.take_along_axis(logits, positive[:, None], axis=1)[:, 0]
+  per_anchor = jnp.exp(log_u + log_zb) - pos  # u_k * Zb_k - s_k+, in log space
+  return common.global_mean(jnp.mean(per_anchor), axis_name), new_state
+
+
+def gamma_loss(z1: jax.Array, z2: jax.Array, state: dict, index: Optional[jax.Array],
+               key: jax.Array, *, temperature, shape: float = 1.0, rate_decay=0.01,
+               estimator: str = "per_example", include_positive: bool = False,
+               axis_name: Optional[str] = None) -> tuple[jax.Array, dict]:
+  """Decomposable gamma-weighted loss, SimCLR layout (2B anchors, two views).
+
+  For anchor k (each local view of z1 and z2) with negatives neg(k), the other
+  2(b - 1) LOCAL views (plus the positive if include_positive):
+    Zb_k   = mean_{j in neg(k)} exp(s_kj),                 s = cos / temperature,
+    Zhat_k <- (1 - rate_decay) Zhat_k + rate_decay Zb_k    (first visit: Zb_k),
+    loss   = mean_k [ -s_k+ + sg(eps_k / Zhat_k) Zb_k ],   eps_k ~ Gamma(shape, 1)/shape.
+  The expected gradient is that of mean_k [-s_k+ + log Z_k] with Z_k the
+  denominator over the whole data, when Zhat tracks Z. The value is NOT InfoNCE
+  (it is about -s+ + 1): log `nt_xent` to monitor. The state is updated first
+  and then used, as SogCLR does, so shape = inf reproduces SogCLR's gradient.
+
+  Args:
+    z1, z2: [b, D] raw embeddings of two views (local shard under `axis_name`).
+    state: from `init_gamma_state(N, estimator)`; log Zhat, [2, N] or [2].
+    index: [b] int dataset indices (per_example; ignored by global, may be None).
+    key: PRNG key of the E-step draw (folded with the device index when sharded).
+    temperature: > 0. shape: gamma shape > 0, float('inf') for eps = 1.
+    rate_decay: weight of the new batch estimate in the running rate, [0, 1].
+    estimator: "per_example" (one Zhat per dataset example) or "global" (one per view).
+    include_positive: count the positive among the negatives (InfoNCE parity).
+    axis_name: mesh axis inside `shard_map`: negatives stay local; only the loss
+      mean and the state update (B index/value pairs, or 2 scalars) cross devices.
+  Returns:
+    (float32 scalar loss, new state).
+  """
+  common.check_embeddings(("z1", "z2"), z1, z2)
+  common.check_positive("temperature", temperature)
+  _check_options(shape, rate_decay, estimator, state)
+  if estimator == "per_example":
+    common.check_index(index, z1.shape[0])
+  logits, positive = common.two_view_logits(z1, z2, temperature, axis_name=None)
+  num_neg = logits.shape[1] - 2
+  return _em_loss(logits, positive, num_neg, state, index, key, shape, rate_decay, estimator,
+                  include_positive, axis_name)
+
+
+def gamma_clip_loss(img: jax.Array, txt: jax.Array, state: dict, index: Optional[jax.Array],
+                    key: jax.Array, *, temperature, shape: float = 1.0, rate_decay=0.01,
+                    estimator: str = "per_example", include_positive: bool = False,
+                    axis_name: Optional[str] = None) -> tuple[jax.Array, dict]:
+  """Decomposable gamma-weighted loss, two-modality (CLIP) layout.
+
+  Both directions: image anchors against the other LOCAL texts, text anchors
+  against the other local images (b - 1 negatives each, + positive if
+  include_positive); state row 0 is image->text, row 1 text->image. Otherwise as
+  `gamma_loss`:
+    loss = mean over the 2b anchors of [ -s_k+ + sg(eps_k / Zhat_k) Zb_k ].
+
+  Args:
+    img, txt: [b, D] raw embeddings of paired examples. Others as `gamma_loss`.
+  Returns:
+    (float32 scalar loss, new state).
+  """
+  common.check_embeddings(("img", "txt"), img, txt)
+  common.check_positive("temperature", temperature)
+  _check_options(shape, rate_decay, estimator, state)
+  if estimator == "per_example":
+    common.check_index(index, img.shape[0])
+  s = common.similarity(img, txt, temperature)  # [b, b] local only
+  logits = jnp.concatenate([s, s.T], 0)
+  positive = jnp.tile(jnp.arange(img.shape[0], dtype=jnp.int32), 2)
+  return _em_loss(logits, positive, img.shape[0] - 1, state, index, key, shape, rate_decay,
+                  estimator, include_positive, axis_name)

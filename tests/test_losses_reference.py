@@ -1,0 +1,143 @@
+"""Every loss and regulariser against its float64 NumPy reference: values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from contrastive_jax import losses as L
+from tests import reference as ref
+
+B, D = 8, 16
+RTOL = 1e-5
+
+
+def assert_close(actual, expected, rtol=RTOL):
+  """Element-wise rtol, with an absolute floor of rtol x the largest |expected| entry."""
+  expected = np.asarray(expected, np.float64)
+  atol = rtol * max(np.max(np.abs(expected)), 1e-3)
+  np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol, atol=atol)
+
+
+def fresh_inputs(n, seed):
+  rng = np.random.default_rng(seed)
+  return [rng.normal(size=(B, D)) for _ in range(n)]
+
+
+T = 0.3
+# name -> (number of [B, D] inputs, jax loss, float64 reference)
+STATELESS = {
+    "nt_xent": (2, lambda a, b: L.nt_xent(a, b, temperature=T), lambda a, b: ref.nt_xent(a, b, T)),
+    "clip": (2, lambda a, b: L.clip_loss(a, b, temperature=T), lambda a, b: ref.clip(a, b, T)),
+    "sigmoid": (2, lambda a, b: L.sigmoid_loss(a, b, temperature=0.1, bias=-3.0),
+                lambda a, b: ref.sigmoid(a, b, 0.1, -3.0)),
+    "dcl": (2, lambda a, b: L.dcl_loss(a, b, temperature=T), lambda a, b: ref.dcl(a, b, T)),
+    "dclw": (2, lambda a, b: L.dcl_loss(a, b, temperature=T, weighted=True),
+             lambda a, b: ref.dcl(a, b, T, weighted=True)),
+    "infonce": (2, lambda a, b: L.infonce(a, b, temperature=T), lambda a, b: ref.infonce(a, b, T)),
+    "modality_contrastive": (
+        4, lambda *x: L.modality_contrastive_loss(*x, temperature=T),
+        lambda *x: ref.modality_contrastive(*x, T)),
+    "feature_separation": (
+        6, lambda *x: L.feature_separation_loss(*x, temperature=T),
+        lambda *x: ref.feature_separation(*x, T)),
+    "brownian_bridge": (3, lambda *x: L.brownian_bridge_loss(*x, t=0.25),
+                        lambda *x: ref.brownian(*x, 0.25)),
+    "geometric_consistency": (4, lambda *x: L.geometric_consistency_loss(*x),
+                              lambda *x: ref.geometric(*x)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STATELESS))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_stateless_value_and_grad(name, seed):
+  n, fn, reference = STATELESS[name]
+  args = fresh_inputs(n, seed=hash((name, seed)) % 2**32)
+  value, grads = jax.value_and_grad(fn, argnums=tuple(range(n)))(
+      *[jnp.asarray(a, jnp.float32) for a in args])
+  assert_close(value, reference(*args))
+  for g, g_ref in zip(grads, ref.numerical_grad(reference, args)):
+    assert_close(g, g_ref)
+
+
+def test_sigmoid_bias_and_temperature_grads():
+  img, txt = fresh_inputs(2, seed=3)
+  fn = lambda t, b: L.sigmoid_loss(jnp.float32(img), jnp.float32(txt), temperature=t, bias=b)
+  g = jax.grad(fn, argnums=(0, 1))(jnp.float32(0.2), jnp.float32(-2.0))
+  g_ref = ref.numerical_grad(lambda t, b: ref.sigmoid(img, txt, float(t), float(b)),
+                             [np.float64(0.2), np.float64(-2.0)])
+  assert_close(np.array(g), np.array([float(x) for x in g_ref]))
+
+
+def test_sogclr_value_grad_state():
+  z1, z2 = fresh_inputs(2, seed=11)
+  n = 20
+  rng = np.random.default_rng(5)
+  index = rng.permutation(n)[:B]
+  table = np.full((2, n), -np.inf)
+  table[:, index[:3]] = rng.normal(size=(2, 3))  # some examples seen before, some new
+  loss_ref, table_ref, w = ref.sogclr(z1, z2, table, index, T, 0.9)
+  fn = lambda a, b: L.sogclr_loss(a, b, {"log_u": jnp.float32(table)}, jnp.asarray(index),
+                                  temperature=T, gamma=0.9)
+  (loss, state), grads = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(
+      jnp.float32(z1), jnp.float32(z2))
+  assert_close(loss, loss_ref)
+  np.testing.assert_array_equal(np.isneginf(state["log_u"]), np.isneginf(table_ref))
+  seen = np.isfinite(table_ref)
+  assert_close(np.asarray(state["log_u"])[seen], table_ref[seen])
+  g_ref = ref.numerical_grad(lambda a, b: ref.sogclr(a, b, table, index, T, 0.9, weights=w)[0],
+                             [z1, z2])
+  for g, gr in zip(grads, g_ref):
+    assert_close(g, gr)
+
+
+@pytest.mark.parametrize("layout", ["two_view", "clip"])
+@pytest.mark.parametrize("include_positive", [False, True])
+@pytest.mark.parametrize("shape", [1.0, 3.0, float("inf")])
+def test_gamma_value_grad_state(layout, include_positive, shape):
+  z1, z2 = fresh_inputs(2, seed=hash((layout, include_positive, shape)) % 2**32)
+  n, rate = 30, 0.2
+  rng = np.random.default_rng(7)
+  index = rng.permutation(n)[:B]
+  table = np.full((2, n), -np.inf)
+  table[:, index[::2]] = rng.normal(size=(2, len(index[::2])))
+  key = jax.random.key(42)
+  # The E-step draw the loss makes: log eps = loggamma(key, shape) - log shape, one per anchor.
+  log_eps = (np.zeros(2 * B) if np.isinf(shape) else
+             np.asarray(jax.random.loggamma(key, shape, (2 * B,)) - np.log(shape), np.float64))
+  jax_fn = L.gamma_loss if layout == "two_view" else L.gamma_clip_loss
+  ref_fn = ref.gamma_two_view if layout == "two_view" else ref.gamma_clip
+  loss_ref, table_ref, zhat = ref_fn(z1, z2, table, index, log_eps, T, rate, include_positive)
+  fn = lambda a, b: jax_fn(a, b, {"log_z": jnp.float32(table)}, jnp.asarray(index), key,
+                           temperature=T, shape=shape, rate_decay=rate,
+                           include_positive=include_positive)
+  (loss, state), grads = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(
+      jnp.float32(z1), jnp.float32(z2))
+  assert_close(loss, loss_ref)
+  seen = np.isfinite(table_ref)
+  np.testing.assert_array_equal(np.isfinite(state["log_z"]), seen)
+  assert_close(np.asarray(state["log_z"])[seen], table_ref[seen])
+  # Gradient of the M-step objective with u held fixed (stop-gradient).
+  g_ref = ref.numerical_grad(
+      lambda a, b: ref_fn(a, b, table, index, log_eps, T, rate, include_positive, zhat)[0],
+      [z1, z2])
+  for g, gr in zip(grads, g_ref):
+    assert_close(g, gr)
+
+
+def test_gamma_global_estimator_state():
+  z1, z2 = fresh_inputs(2, seed=21)
+  state = L.init_gamma_state(estimator="global")
+  s, pos = ref.two_view(z1, z2, T)
+  log_zb = ref.neg_log_mean(s, pos).reshape(2, B)
+  batch_log_mean = np.log(np.mean(np.exp(log_zb), axis=1))
+  loss, state = L.gamma_loss(jnp.float32(z1), jnp.float32(z2), state, None, jax.random.key(0),
+                             temperature=T, shape=float("inf"), rate_decay=0.3,
+                             estimator="global")
+  assert_close(state["log_z"], batch_log_mean)  # first observation initialises
+  expected, _ = ref.gamma_em(s, pos, np.repeat(batch_log_mean, B), np.zeros(2 * B))
+  assert_close(loss, expected)
+  _, state2 = L.gamma_loss(jnp.float32(z2), jnp.float32(z1), state, None, jax.random.key(0),
+                           temperature=T, shape=float("inf"), rate_decay=0.3,
+                           estimator="global")
+  assert_close(state2["log_z"], ref.ema(batch_log_mean, batch_log_mean[::-1], 0.3))
