@@ -101,6 +101,15 @@ def global_mean(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
   return x if axis_name is None else jax.lax.pmean(x, axis_name)
 
 
+def global_logsumexp(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
+  """log sum_devices exp(x) of local log-sums x [...], stable (max-shifted)."""
+  if axis_name is None:
+    return x
+  m = jax.lax.pmax(jax.lax.stop_gradient(x), axis_name)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  return m + jnp.log(jax.lax.psum(jnp.exp(x - m), axis_name))
+
+
 def cross_entropy(logits: jax.Array, positive: jax.Array) -> jax.Array:
   """Per-row softmax cross-entropy: logits [M, K], positive column [M] -> [M]."""
   pos = jnp.take_along_axis(logits, positive[:, None], axis=1)[:, 0]
@@ -170,8 +179,9 @@ def update_table(table: jax.Array, index: jax.Array, values: jax.Array, rate,
   values = jax.lax.stop_gradient(values.astype(table.dtype))
   all_index, all_values = index, values
   if axis_name is not None:
-    all_index = jax.lax.all_gather(index, axis_name, tiled=True)
-    all_values = jax.lax.all_gather(values, axis_name, axis=1, tiled=True)
+    # Gathered as invariant: every device then holds the same (replicated) table.
+    all_index = jax.lax.all_gather(index, axis_name, tiled=True, to="invarying")
+    all_values = jax.lax.all_gather(values, axis_name, axis=1, tiled=True, to="invarying")
   new_rows = ema_log(table[:, all_index], all_values, rate)
   table = table.at[:, all_index].set(new_rows)
   return table, table[:, index]
@@ -184,11 +194,6 @@ def update_scalar(log_z: jax.Array, values: jax.Array, rate,
   Across devices only two scalars per row are reduced (a max and a sum).
   """
   values = jax.lax.stop_gradient(values.astype(log_z.dtype))
-  m = jnp.max(values, axis=1)
-  if axis_name is not None:
-    m = jax.lax.pmax(m, axis_name)
-  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-  total = global_sum(jnp.sum(jnp.exp(values - m[:, None]), axis=1), axis_name)
+  log_sum = global_logsumexp(jax.nn.logsumexp(values, axis=1), axis_name)
   count = global_sum(jnp.float32(values.shape[1]), axis_name)
-  batch_log_mean = m + jnp.log(total) - jnp.log(count)
-  return ema_log(log_z, batch_log_mean, rate)
+  return ema_log(log_z, log_sum - jnp.log(count), rate)

@@ -21,8 +21,16 @@ from contrastive_jax.losses.infonce import infonce
 
 
 def _uniformity(z: jax.Array, t: float, axis_name: Optional[str]) -> jax.Array:
-  all_z, _ = common.gather_keys(z, axis_name)
-  return metrics.uniformity(all_z, t)
+  """metrics.uniformity of the whole batch, from local rows z [b, D] against all rows."""
+  if axis_name is None:
+    return metrics.uniformity(z, t)
+  z = metrics.l2_normalize(z)
+  all_z, offset = common.gather_keys(z, axis_name)
+  sq = jnp.maximum(2.0 - 2.0 * common.similarity(z, all_z, 1.0), 0.0)
+  self_mask = jax.nn.one_hot(jnp.arange(z.shape[0]) + offset, all_z.shape[0], dtype=bool)
+  local = jax.nn.logsumexp(jnp.where(self_mask, -jnp.inf, -t * sq))
+  n = all_z.shape[0]
+  return common.global_logsumexp(local, axis_name) - jnp.log(n * (n - 1.0))
 
 
 def _cos_rows(a: jax.Array, b: jax.Array) -> jax.Array:
