@@ -1,0 +1,106 @@
+"""Data sources (TFDS array_record) and grain pipelines.
+
+The training pipeline is a random-access `grain.MapDataset`: batch k is a pure
+function of (seed, k), so the iterator state is one integer and resuming
+reproduces the exact batches. Each process reads its own slice of the examples
+(multi-host), and the global example index travels with each batch (stateful
+losses need it).
+"""
+
+import contextlib
+import dataclasses
+import fcntl
+import os
+from typing import Optional
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from contrastive_jax.data import augment as aug_lib
+from contrastive_jax.data.builders import BUILDERS
+
+DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "contrastive_jax", "tfds")
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+  """Exclusive inter-process lock: two processes must not prepare one dataset at once."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def get_source(name: str, split: str, data_dir: Optional[str] = None):
+  """Random-access source of records {"image": uint8 [H, W, C], "label": int}.
+
+  Built-in names (`BUILDERS`) are prepared on first use into `data_dir` under a
+  lock. Any other TFDS name (cifar10, imagenet2012, ...) must already be prepared
+  there as array_record (`tfds build NAME --file_format=array_record`).
+  """
+  data_dir = data_dir or DEFAULT_DATA_DIR
+  if name in BUILDERS:
+    builder = BUILDERS[name](data_dir=data_dir)
+    if not os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+      with _file_lock(os.path.join(data_dir, f".{name}.lock")):
+        builder.download_and_prepare(file_format="array_record")
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir)
+  except Exception as e:  # tfds raises several types for a missing dataset
+    raise FileNotFoundError(
+        f"dataset {name!r} split {split!r} is not available in {data_dir}: use a built-in one "
+        f"({', '.join(sorted(BUILDERS))}) or prepare it first with `tfds build {name} "
+        f"--file_format=array_record --data_dir={data_dir}` ({type(e).__name__}: {e})") from e
+
+
+def load_arrays(source, limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+  """All (or the first `limit`) records as (float32 images [N, H, W, C] in [0, 1], labels [N])."""
+  n = len(source) if limit is None else min(limit, len(source))
+  records = [source[i] for i in range(n)]
+  images = np.stack([to_float(r["image"]) for r in records])
+  return images, np.array([int(r["label"]) for r in records], np.int32)
+
+
+def to_float(image: np.ndarray) -> np.ndarray:
+  image = np.asarray(image, np.float32) / 255.0
+  return image[..., None] if image.ndim == 2 else image
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoViews(grain.transforms.RandomMap):
+  """Record index -> {"view1", "view2": float32 [H, W, C], "label", "index"}."""
+  source: object
+  config: aug_lib.AugmentConfig
+
+  def random_map(self, index, rng: np.random.Generator):
+    record = self.source[int(index)]
+    image = to_float(record["image"])
+    return {"view1": aug_lib.augment(image, rng, self.config),
+            "view2": aug_lib.augment(image, rng, self.config),
+            "label": np.int32(record["label"]), "index": np.int32(index)}
+
+
+def train_dataset(source, *, batch_size: int, seed: int,
+                  augment: aug_lib.AugmentConfig = aug_lib.AugmentConfig(),
+                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """Infinite, shuffled (reshuffled every epoch), augmented batches of this process.
+
+  Args:
+    source: random-access records (from `get_source`).
+    batch_size: per-process batch size (global batch / process_count).
+    seed: shuffling and augmentation seed.
+    process_index, process_count: this process's slice of the examples.
+  Returns:
+    MapDataset whose element k is batch k: view1, view2 [b, H, W, C], label, index [b].
+  """
+  examples = grain.MapDataset.range(len(source))[process_index::process_count]
+  if batch_size > len(examples):
+    raise ValueError(f"batch_size {batch_size} exceeds the {len(examples)} examples of "
+                     f"process {process_index}: lower --config.batch_size")
+  return (examples.shuffle(seed=seed).repeat(None)
+          .random_map(TwoViews(source, augment), seed=seed)
+          .batch(batch_size, drop_remainder=True))

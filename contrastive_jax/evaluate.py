@@ -1,0 +1,198 @@
+"""Evaluation protocols on frozen features: weighted kNN, linear probe, few-shot,
+retrieval, zero-shot; and the command that evaluates a workdir's checkpoint.
+
+Features are computed once, then every protocol is a small pure-JAX program.
+  python -m contrastive_jax.evaluate --workdir DIR
+"""
+
+import argparse
+import functools
+import json
+import os
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from contrastive_jax import metrics
+
+
+def embed(apply_fn: Callable, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+  """apply_fn(images [b, ...]) -> features [b, F], over all images in batches -> [N, F]."""
+  out = [np.asarray(apply_fn(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
+  return np.concatenate(out)
+
+
+def knn_accuracy(train_x, train_y, test_x, test_y, *, num_classes: int, k: int = 20,
+                 temperature: float = 0.07, chunk: int = 1024) -> float:
+  """Top-1 of temperature-weighted cosine kNN (Wu et al., 2018), as used for SimCLR-style probes.
+
+  Each test point votes sum_{top-k neighbours} exp(cos / temperature) per class.
+  Test points are processed in chunks so the [chunk, N_train] similarity fits in memory.
+  """
+  bank = metrics.l2_normalize(jnp.asarray(train_x, jnp.float32))
+  labels = jax.nn.one_hot(jnp.asarray(train_y), num_classes)
+  k = min(k, bank.shape[0])
+
+  @jax.jit
+  def predict(x):
+    sim = metrics.l2_normalize(x) @ bank.T
+    top, idx = jax.lax.top_k(sim, k)
+    votes = jnp.einsum("tk,tkc->tc", jnp.exp(top / temperature), labels[idx])
+    return jnp.argmax(votes, -1)
+
+  test_x = np.asarray(test_x, np.float32)
+  preds = np.concatenate([np.asarray(predict(test_x[i:i + chunk]))
+                          for i in range(0, len(test_x), chunk)])
+  return float(np.mean(preds == np.asarray(test_y)))
+
+
+def _standardize(train_x, *others):
+  mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+  return [(x - mean) / std for x in (train_x,) + others]
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "steps"))
+def _lbfgs_logistic(x, y, weight_decay, *, num_classes: int, steps: int):
+  def loss(params):
+    logits = x @ params["w"] + params["b"]
+    ce = optax.losses.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return ce + 0.5 * weight_decay * jnp.sum(params["w"] ** 2)
+
+  params = {"w": jnp.zeros((x.shape[1], num_classes)), "b": jnp.zeros((num_classes,))}
+  opt = optax.lbfgs()
+  value_and_grad = optax.value_and_grad_from_state(loss)
+
+  def step(carry, _):
+    params, state = carry
+    value, grad = value_and_grad(params, state=state)
+    updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=loss)
+    return (optax.apply_updates(params, updates), state), None
+
+  (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
+  return params
+
+
+def fit_logistic(x, y, *, num_classes: int, weight_decay: float, steps: int = 300) -> dict:
+  """Multinomial logistic regression, L2 penalty weight_decay/2 ||W||^2, full-batch L-BFGS.
+
+  x [N, F], y [N] -> {"w": [F, C], "b": [C]}.
+  """
+  return _lbfgs_logistic(jnp.asarray(x, jnp.float32), jnp.asarray(y), jnp.float32(weight_decay),
+                         num_classes=num_classes, steps=steps)
+
+
+def linear_probe(train_x, train_y, test_x, test_y, *, num_classes: int,
+                 weight_decays: Sequence[float] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
+                 val_fraction: float = 0.2, seed: int = 0) -> dict:
+  """Top-1 of a logistic-regression probe on standardised frozen features.
+
+  The weight decay is chosen on a held-out `val_fraction` of the training set,
+  then the probe is refit on the whole training set and scored on the test set.
+  """
+  train_x, test_x = _standardize(np.asarray(train_x, np.float32), np.asarray(test_x, np.float32))
+  train_y, test_y = np.asarray(train_y), np.asarray(test_y)
+  order = np.random.default_rng(seed).permutation(len(train_x))
+  n_val = max(1, int(val_fraction * len(train_x)))
+  val, fit = order[:n_val], order[n_val:]
+
+  def accuracy(params, x, y):
+    return float(np.mean(np.argmax(np.asarray(x @ params["w"] + params["b"]), -1) == y))
+
+  scores = {wd: accuracy(fit_logistic(train_x[fit], train_y[fit], num_classes=num_classes,
+                                      weight_decay=wd), train_x[val], train_y[val])
+            for wd in weight_decays}
+  best = max(scores, key=lambda wd: (scores[wd], wd))
+  params = fit_logistic(train_x, train_y, num_classes=num_classes, weight_decay=best)
+  return {"top1": accuracy(params, test_x, test_y), "weight_decay": best,
+          "val_top1": scores[best]}
+
+
+def few_shot(train_x, train_y, test_x, test_y, *, num_classes: int, shots=(1, 5, 10),
+             seeds=(0, 1, 2), weight_decay: float = 1e-2) -> dict:
+  """Logistic probe on k examples per class: {"k-shot": {"mean", "std"}} over seeds."""
+  train_y = np.asarray(train_y)
+  out = {}
+  for k in shots:
+    accs = []
+    for seed in seeds:
+      rng = np.random.default_rng(seed)
+      sel = np.concatenate([rng.choice(np.flatnonzero(train_y == c), k, replace=False)
+                            for c in range(num_classes) if np.sum(train_y == c) >= k])
+      tx, sx = _standardize(np.asarray(train_x, np.float32)[sel], np.asarray(test_x, np.float32))
+      params = fit_logistic(tx, train_y[sel], num_classes=num_classes, weight_decay=weight_decay)
+      accs.append(float(np.mean(np.argmax(np.asarray(sx @ params["w"] + params["b"]), -1)
+                                == np.asarray(test_y))))
+    out[f"{k}-shot"] = {"mean": float(np.mean(accs)), "std": float(np.std(accs))}
+  return out
+
+
+def retrieval_recall(img, txt, txt_to_img: Optional[np.ndarray] = None,
+                     ks=(1, 5, 10)) -> dict:
+  """Image->text and text->image Recall@k by cosine similarity.
+
+  img [N, D], txt [M, D]; txt_to_img [M] gives each caption's image (default:
+  caption j belongs to image j, M = N). An image query hits if any of its
+  captions is in the top k.
+  """
+  img, txt = metrics.l2_normalize(jnp.asarray(img)), metrics.l2_normalize(jnp.asarray(txt))
+  owner = np.arange(len(txt)) if txt_to_img is None else np.asarray(txt_to_img)
+  sim = np.asarray(img @ txt.T)  # [N, M]
+  out = {}
+  order_i2t = np.argsort(-sim, axis=1)
+  order_t2i = np.argsort(-sim.T, axis=1)
+  for k in ks:
+    hits_i2t = (owner[order_i2t[:, :k]] == np.arange(len(img))[:, None]).any(1)
+    hits_t2i = (order_t2i[:, :k] == owner[:, None]).any(1)
+    out[f"i2t_R@{k}"] = float(hits_i2t.mean())
+    out[f"t2i_R@{k}"] = float(hits_t2i.mean())
+  return out
+
+
+def zero_shot(img, class_txt, labels, ks=(1, 3, 5)) -> dict:
+  """Top-k accuracy classifying img [N, D] by cosine to class text embeddings [C, D]
+  (or [C, P, D] for P prompt templates, averaged after normalisation)."""
+  class_txt = jnp.asarray(class_txt)
+  if class_txt.ndim == 3:
+    class_txt = jnp.mean(metrics.l2_normalize(class_txt), axis=1)
+  sim = np.asarray(metrics.l2_normalize(jnp.asarray(img)) @ metrics.l2_normalize(class_txt).T)
+  order = np.argsort(-sim, axis=1)
+  labels = np.asarray(labels)
+  return {f"top{k}": float((order[:, :k] == labels[:, None]).any(1).mean()) for k in ks}
+
+
+def geometry(x, y=None) -> dict:
+  """Embedding geometry: effective rank / rank of x, and (with paired y) gap, distance,
+  alignment and uniformity."""
+  x = jnp.asarray(x)
+  out = {"effective_rank": float(metrics.effective_rank(x)), "rank": int(metrics.rank(x)),
+         "uniformity": float(metrics.uniformity(x[:2048]))}
+  if y is not None:
+    y = jnp.asarray(y)
+    out.update(modality_gap=float(metrics.modality_gap(x, y)),
+               paired_distance=float(metrics.paired_distance(x, y)),
+               alignment=float(metrics.alignment(x, y)))
+  return out
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description="Evaluate the latest checkpoint of a workdir.")
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+  parser.add_argument("--linear_probe", action="store_true", help="also fit a linear probe")
+  args = parser.parse_args(argv)
+  from contrastive_jax import train  # pylint: disable=g-import-not-at-top
+  cfg, state, model = train.restore_for_eval(args.workdir, args.step)
+  result = train.evaluate_state(cfg, model, state["params"], linear=args.linear_probe)
+  result["step"] = int(state["step"])
+  path = os.path.join(args.workdir, f"eval_{result['step']}.json")
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2)
+  print(json.dumps(result))
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,353 @@
+"""Contrastive pretraining: train state, sharded step, loop, Orbax checkpoints.
+
+  python -m contrastive_jax.train --config configs/mnist_gamma.py --workdir runs/x \
+      [--config.batch_size=64 ...]
+
+Data parallel over every device of a 1-D mesh ("data"): parameters replicated,
+batch sharded. The model runs under plain jit (GSPMD); the loss runs in
+`shard_map` with axis_name="data", so global-negative losses gather keys and the
+gamma loss keeps its negatives local. Batch k is a pure function of (seed, k), so
+a run resumed from a checkpoint at step k continues exactly as if never stopped.
+SIGTERM saves a checkpoint and exits cleanly.
+"""
+
+import functools
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+from absl import app, flags
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import tqdm
+
+from contrastive_jax import evaluate
+from contrastive_jax import losses as L
+from contrastive_jax.data import augment as aug_lib
+from contrastive_jax.data import pipeline
+from contrastive_jax.models.encoders import get_model
+
+# Config fields that must match to resume from a workdir's checkpoint.
+_RESUME_KEYS = ("dataset", "model", "head_hidden", "proj_dim", "loss", "batch_size", "seed",
+                "optimizer")
+
+
+# ----------------------------------------------------------------------------
+# Losses by name: fn(z1, z2, loss_state, index, key, axis_name) -> (loss, loss_state).
+
+
+def make_loss(cfg: ml_collections.ConfigDict, num_examples: int) -> tuple[Callable, Any]:
+  """Returns (loss fn, initial loss state) for cfg.loss."""
+  t = cfg.temperature
+  if cfg.loss == "nt_xent":
+    return (lambda a, b, s, i, k, ax: (L.nt_xent(a, b, temperature=t, axis_name=ax), s)), {}
+  if cfg.loss == "dcl":
+    return (lambda a, b, s, i, k, ax: (L.dcl_loss(a, b, temperature=t, weighted=cfg.dcl_weighted,
+                                                  axis_name=ax), s)), {}
+  if cfg.loss == "clip":
+    return (lambda a, b, s, i, k, ax: (L.clip_loss(a, b, temperature=t, axis_name=ax), s)), {}
+  if cfg.loss == "sigmoid":
+    return (lambda a, b, s, i, k, ax: (L.sigmoid_loss(a, b, temperature=t, bias=cfg.sigmoid_bias,
+                                                      axis_name=ax), s)), {}
+  if cfg.loss == "sogclr":
+    return (lambda a, b, s, i, k, ax: L.sogclr_loss(a, b, s, i, temperature=t,
+                                                    gamma=cfg.sogclr_gamma, axis_name=ax),
+            L.init_sogclr_state(num_examples))
+  if cfg.loss == "gamma":
+    g = cfg.gamma
+    return (lambda a, b, s, i, k, ax: L.gamma_loss(
+        a, b, s, i, k, temperature=t, shape=g.shape, rate_decay=g.rate_decay,
+        estimator=g.estimator, include_positive=g.include_positive, axis_name=ax),
+            L.init_gamma_state(num_examples, g.estimator))
+  raise ValueError(f"unknown loss {cfg.loss!r}: set --config.loss to one of "
+                   "nt_xent, dcl, clip, sigmoid, sogclr, gamma")
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Callable]:
+  """Optimiser and its schedule: warmup + cosine, peak lr scaled by batch size."""
+  scale = {"none": 1.0, "linear": cfg.batch_size / 256, "sqrt": (cfg.batch_size / 256) ** 0.5}
+  if cfg.lr_scaling not in scale:
+    raise ValueError(f"unknown lr_scaling {cfg.lr_scaling!r}: use none, linear or sqrt")
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, cfg.learning_rate * scale[cfg.lr_scaling], min(cfg.warmup_steps, cfg.num_steps),
+      max(cfg.num_steps, 1))
+  if cfg.optimizer == "adamw":
+    tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
+  elif cfg.optimizer == "sgd":
+    tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                     optax.sgd(schedule, momentum=0.9))
+  elif cfg.optimizer == "lars":
+    tx = optax.lars(schedule, weight_decay=cfg.weight_decay, momentum=0.9)
+  else:
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}: use adamw, sgd or lars")
+  return tx, schedule
+
+
+# ----------------------------------------------------------------------------
+# State and step.
+
+
+def init_state(cfg, model, tx, loss_state, image_shape) -> dict:
+  rng = jax.random.PRNGKey(cfg.seed)  # raw uint32[2]: checkpoints as a plain array
+  init_rng, rng = jax.random.split(rng)
+  params = model.init(init_rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32))
+  return {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params),
+          "loss_state": loss_state, "rng": rng}
+
+
+def train_step(state: dict, batch: dict, *, model, tx, loss_fn, mesh) -> tuple[dict, dict]:
+  """One optimiser step on a global batch sharded over mesh axis "data"."""
+  key = jax.random.fold_in(state["rng"], state["step"])
+  sharded_loss = jax.shard_map(
+      lambda z1, z2, s, i, k: loss_fn(z1, z2, s, i, k, "data"), mesh=mesh,
+      in_specs=(P("data"), P("data"), P(), P("data"), P()), out_specs=(P(), P()))
+
+  def objective(params):
+    b = batch["view1"].shape[0]
+    _, z = model.apply(params, jnp.concatenate([batch["view1"], batch["view2"]]))
+    loss, loss_state = sharded_loss(z[:b], z[b:], state["loss_state"], batch["index"], key)
+    return loss, (loss_state, z[:b], z[b:])
+
+  (loss, (loss_state, z1, z2)), grads = jax.value_and_grad(objective, has_aux=True)(
+      state["params"])
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+               "opt_state": opt_state, "loss_state": loss_state, "rng": state["rng"]}
+  z1, z2 = jax.lax.stop_gradient(z1), jax.lax.stop_gradient(z2)
+  logs = {"loss": loss, "nt_xent": L.nt_xent(z1, z2, temperature=0.1),
+          "grad_norm": optax.global_norm(grads)}
+  return new_state, logs
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints.
+
+
+def _manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=True))
+
+
+def _save(mngr, state, data_state):
+  step = int(state["step"])
+  if step not in mngr.all_steps():
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            data=ocp.args.JsonSave(data_state)))
+
+
+def _check_workdir_config(cfg, workdir) -> None:
+  """Writes config.json beside the checkpoints, or refuses an incompatible one."""
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    diff = {k: (old.get(k), cfg[k]) for k in _RESUME_KEYS if old.get(k) != cfg[k]}
+    if diff and os.path.isdir(os.path.join(workdir, "checkpoints")):
+      raise ValueError(
+          f"workdir {workdir} holds a run with a different config ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}): "
+          "use a new --workdir or the original config")
+  os.makedirs(workdir, exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    f.write(cfg.to_json(indent=2))
+  os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------
+# Evaluation hooks.
+
+
+def eval_data(cfg, limit=None):
+  train_src = pipeline.get_source(cfg.dataset, "train", cfg.data_dir)
+  test_src = pipeline.get_source(cfg.dataset, cfg.eval_split, cfg.data_dir)
+  return pipeline.load_arrays(train_src, limit), pipeline.load_arrays(test_src, limit)
+
+
+def evaluate_state(cfg, model, params, *, linear: bool = False, data=None) -> dict:
+  """kNN (and optionally linear-probe) top-1 of the encoder features, plus geometry."""
+  (tr_x, tr_y), (te_x, te_y) = data or eval_data(cfg)
+  features = jax.jit(lambda x: model.apply(params, x)[0])
+  tr_f, te_f = evaluate.embed(features, tr_x), evaluate.embed(features, te_x)
+  n_cls = int(max(tr_y.max(), te_y.max()) + 1)
+  out = {"knn_top1": evaluate.knn_accuracy(tr_f, tr_y, te_f, te_y, num_classes=n_cls,
+                                           k=cfg.knn_k),
+         "effective_rank": float(evaluate.metrics.effective_rank(jnp.asarray(te_f)))}
+  if linear:
+    out["linear_top1"] = evaluate.linear_probe(tr_f, tr_y, te_f, te_y, num_classes=n_cls)["top1"]
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Loop.
+
+
+class _Preempted:
+  """SIGTERM flag: the loop checkpoints and exits at the next step boundary."""
+
+  def __init__(self):
+    self.flag = False
+
+  def __call__(self, signum, frame):
+    del signum, frame
+    self.flag = True
+
+
+def _log(workdir, record):
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains cfg.num_steps steps (resuming from workdir if it holds a checkpoint).
+
+  Returns the final evaluation dict (also written to workdir/final_eval.json).
+  """
+  n_dev = jax.device_count()
+  if cfg.batch_size % n_dev:
+    raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {n_dev} devices: "
+                     f"set --config.batch_size to a multiple of {n_dev}")
+  model = get_model(cfg.model, cfg.head_hidden, cfg.proj_dim)
+  train_src = pipeline.get_source(cfg.dataset, "train", cfg.data_dir)
+  loss_fn, loss_state = make_loss(cfg, len(train_src))
+  tx, schedule = make_optimizer(cfg)
+  _check_workdir_config(cfg, workdir)
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  image_shape = pipeline.to_float(train_src[0]["image"]).shape
+  state = jax.jit(functools.partial(init_state, cfg, model, tx, loss_state, image_shape),
+                  out_shardings=replicated)()
+
+  mngr = _manager(workdir, cfg.keep_checkpoints)
+  if mngr.latest_step() is not None:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+    state = restored["state"]
+    print(f"resumed from {workdir} at step {int(state['step'])} "
+          f"(data iterator at batch {restored['data']['next_index']})")
+
+  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn,
+                                      mesh=mesh),
+                    in_shardings=(replicated, data_sharding), out_shardings=(replicated, None),
+                    donate_argnums=0)
+  ds = pipeline.train_dataset(
+      train_src, batch_size=cfg.batch_size // jax.process_count(), seed=cfg.seed,
+      augment=aug_lib.AugmentConfig(**cfg.augment.to_dict()),
+      process_index=jax.process_index(), process_count=jax.process_count())
+  start = int(state["step"])
+  batches = iter(ds[start:].to_iter_dataset(
+      grain.ReadOptions(num_threads=cfg.data_threads, prefetch_buffer_size=4)))
+
+  preempted = _Preempted()
+  old_handler = signal.signal(signal.SIGTERM, preempted)
+  data = eval_data(cfg, cfg.eval_limit)
+  if start == 0 and cfg.eval_at_init:
+    init_eval = evaluate_state(cfg, model, state["params"], data=data)
+    _log(workdir, {"step": 0, "phase": "eval", **init_eval})
+  bar = tqdm.tqdm(total=cfg.num_steps, initial=start, desc="train", unit="step",
+                  disable=jax.process_index() != 0 or not cfg.progress, dynamic_ncols=True)
+  t_last, n_last = time.perf_counter(), start
+  try:
+    for step in range(start, cfg.num_steps):
+      if preempted.flag:
+        break
+      local = next(batches)
+      batch = {k: jax.make_array_from_process_local_data(data_sharding, local[k])
+               for k in ("view1", "view2", "index")}
+      state, logs = step_fn(state, batch)
+      done = step + 1
+      if done % cfg.log_every == 0 or done == cfg.num_steps:
+        logs = jax.device_get(logs)
+        now = time.perf_counter()
+        rate = (done - n_last) * cfg.batch_size / (now - t_last)
+        t_last, n_last = now, done
+        record = {"step": done, "phase": "train", "lr": float(schedule(done)),
+                  "examples_per_s": rate, **{k: float(v) for k, v in logs.items()}}
+        _log(workdir, record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{rate:.0f}")
+      bar.update(1)
+      if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.num_steps:
+        _log(workdir, {"step": done, "phase": "eval",
+                       **evaluate_state(cfg, model, state["params"], data=data)})
+      if done % cfg.checkpoint_every == 0:
+        _save(mngr, state, {"next_index": done, "seed": cfg.seed})
+  finally:
+    bar.close()
+    signal.signal(signal.SIGTERM, old_handler)
+  _save(mngr, state, {"next_index": int(state["step"]), "seed": cfg.seed})
+  mngr.wait_until_finished()
+  mngr.close()
+  if preempted.flag:
+    print(f"SIGTERM: checkpoint saved at step {int(state['step'])} in {workdir}; "
+          "run the same command to resume")
+    return {"preempted": True, "step": int(state["step"])}
+
+  result = {"step": int(state["step"]),
+            **evaluate_state(cfg, model, state["params"], linear=cfg.final_linear_probe,
+                             data=data)}
+  if start == 0 and cfg.eval_at_init:
+    result["random_init"] = init_eval
+  _log(workdir, {"phase": "final", **result})
+  with open(os.path.join(workdir, "final_eval.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  return result
+
+
+def restore_for_eval(workdir: str, step=None):
+  """(config, restored state, model) of a workdir, for `contrastive_jax.evaluate`."""
+  with open(os.path.join(workdir, "config.json")) as f:
+    cfg = ml_collections.ConfigDict(json.load(f))
+  model = get_model(cfg.model, cfg.head_hidden, cfg.proj_dim)
+  train_src = pipeline.get_source(cfg.dataset, "train", cfg.data_dir)
+  _, loss_state = make_loss(cfg, len(train_src))
+  tx, _ = make_optimizer(cfg)
+  abstract = jax.eval_shape(functools.partial(
+      init_state, cfg, model, tx, loss_state, pipeline.to_float(train_src[0]["image"]).shape))
+  mngr = _manager(workdir, cfg.keep_checkpoints)
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+  return cfg, state["state"], model
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+
+
+def main(argv):
+  del argv
+  if _CONFIG.value is None or _WORKDIR.value is None:
+    sys.exit("error: --config and --workdir are required, e.g. "
+             "--config configs/mnist_gamma.py --workdir runs/mnist_gamma")
+  try:
+    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+  print(json.dumps(result))
+  if "knn_top1" in result and "random_init" in result:
+    print(f"kNN top-1: trained {100 * result['knn_top1']:.1f} % vs random init "
+          f"{100 * result['random_init']['knn_top1']:.1f} % "
+          f"(linear probe: {100 * result.get('linear_top1', float('nan')):.1f} %)")
+
+
+def cli():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  cli()
