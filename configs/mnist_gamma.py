@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.gamma = ml_collections.ConfigDict(dict(
       shape=1.0, rate_decay=0.5, estimator="per_example", include_positive=False))
   c.sogclr_gamma = 0.9
-  c.sigmoid_bias = -10.0
+  c.sigmoid_bias = -2.5  # fixed; SigLIP learns t and b (10, -10); -1/(2 temperature) here
   c.dcl_weighted = False
   # Optimisation.
   c.batch_size = 128

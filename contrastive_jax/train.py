@@ -17,9 +17,9 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
-from absl import app, flags
+from absl import app, flags, logging
 import grain
 import jax
 import jax.numpy as jnp
@@ -125,7 +125,7 @@ def train_step(state: dict, batch: dict, *, model, tx, loss_fn, mesh) -> tuple[d
                "opt_state": opt_state, "loss_state": loss_state, "rng": state["rng"]}
   z1, z2 = jax.lax.stop_gradient(z1), jax.lax.stop_gradient(z2)
   logs = {"loss": loss, "nt_xent": L.nt_xent(z1, z2, temperature=0.1),
-          "grad_norm": optax.global_norm(grads)}
+          "grad_norm": optax.tree.norm(grads)}
   return new_state, logs
 
 
@@ -209,10 +209,15 @@ def _log(workdir, record):
       f.write(json.dumps(record) + "\n")
 
 
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
+                       stop_at: Optional[int] = None) -> dict:
   """Trains cfg.num_steps steps (resuming from workdir if it holds a checkpoint).
 
-  Returns the final evaluation dict (also written to workdir/final_eval.json).
+  Args:
+    stop_at: stop after this step as if preempted (checkpoint, no final eval).
+  Returns:
+    the final evaluation dict (also written to workdir/final_eval.json), or
+    {"preempted": True, "step": k} when stopped early.
   """
   n_dev = jax.device_count()
   if cfg.batch_size % n_dev:
@@ -262,7 +267,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   t_last, n_last = time.perf_counter(), start
   try:
     for step in range(start, cfg.num_steps):
-      if preempted.flag:
+      if preempted.flag or (stop_at is not None and step >= stop_at):
+        preempted.flag = True
         break
       local = next(batches)
       batch = {k: jax.make_array_from_process_local_data(data_sharding, local[k])
@@ -291,7 +297,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   mngr.wait_until_finished()
   mngr.close()
   if preempted.flag:
-    print(f"SIGTERM: checkpoint saved at step {int(state['step'])} in {workdir}; "
+    print(f"stopped: checkpoint saved at step {int(state['step'])} in {workdir}; "
           "run the same command to resume")
     return {"preempted": True, "step": int(state["step"])}
 
@@ -331,6 +337,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and m
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   if _CONFIG.value is None or _WORKDIR.value is None:
     sys.exit("error: --config and --workdir are required, e.g. "
              "--config configs/mnist_gamma.py --workdir runs/mnist_gamma")

@@ -49,7 +49,7 @@ def get_source(name: str, split: str, data_dir: Optional[str] = None):
       with _file_lock(os.path.join(data_dir, f".{name}.lock")):
         builder.download_and_prepare(file_format="array_record")
   try:
-    return tfds.data_source(name, split=split, data_dir=data_dir)
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # tfds raises several types for a missing dataset
     raise FileNotFoundError(
         f"dataset {name!r} split {split!r} is not available in {data_dir}: use a built-in one "

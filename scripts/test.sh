@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# Runs the test suite (8 simulated CPU devices; see tests/conftest.py).
+source "$(dirname "$0")/env.sh"
+exec python -m pytest tests "$@"

@@ -1,0 +1,161 @@
+"""Trainer: every loss trains, 1 vs 8 devices, exact resume, SIGTERM, bad input."""
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from configs import mnist_gamma
+from contrastive_jax import losses as L
+from contrastive_jax import train
+from contrastive_jax.data import pipeline
+from contrastive_jax.models.encoders import get_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def small_config(data_dir, **overrides):
+  cfg = mnist_gamma.get_config()
+  cfg.update(dict(dataset="sklearn_digits", data_dir=data_dir, batch_size=64, num_steps=20,
+                  log_every=5, checkpoint_every=10, eval_at_init=False,
+                  final_linear_probe=False, progress=False, eval_limit=300, warmup_steps=2,
+                  head_hidden=64, proj_dim=32))
+  cfg.update(overrides)
+  return cfg
+
+
+def setup_step(cfg, devices):
+  """(jitted step, initial state, batch fn) for cfg on a mesh of `devices`."""
+  mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+  src = pipeline.get_source(cfg.dataset, "train", cfg.data_dir)
+  model = get_model(cfg.model, cfg.head_hidden, cfg.proj_dim)
+  loss_fn, loss_state = train.make_loss(cfg, len(src))
+  tx, _ = train.make_optimizer(cfg)
+  rep, dat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  state = jax.jit(functools.partial(train.init_state, cfg, model, tx, loss_state, (8, 8, 1)),
+                  out_shardings=rep)()
+  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, loss_fn=loss_fn,
+                                   mesh=mesh), in_shardings=(rep, dat), out_shardings=(rep, None))
+  ds = pipeline.train_dataset(src, batch_size=cfg.batch_size, seed=cfg.seed)
+  batch = lambda k: {key: jax.device_put(ds[k][key], dat) for key in ("view1", "view2", "index")}
+  return step, state, batch, model
+
+
+@pytest.mark.parametrize("loss", ["nt_xent", "dcl", "clip", "sigmoid", "sogclr", "gamma"])
+def test_a_few_steps_lower_the_loss(loss, data_dir):
+  cfg = small_config(data_dir, loss=loss, learning_rate=3e-3, num_steps=40)
+  step, state, batch, model = setup_step(cfg, jax.devices())
+  fixed = batch(1000)
+
+  def infonce(params):  # the common objective, on a fixed held-aside batch
+    z1 = model.apply(params, fixed["view1"])[1]
+    z2 = model.apply(params, fixed["view2"])[1]
+    return float(L.nt_xent(z1, z2, temperature=0.2))
+
+  before = infonce(state["params"])
+  losses = []
+  for k in range(40):
+    state, logs = step(state, batch(k))
+    losses.append(float(logs["loss"]))
+  assert all(np.isfinite(losses))
+  assert infonce(state["params"]) < before - 0.1, (before, infonce(state["params"]))
+  if loss != "gamma":  # the gamma loss value is not InfoNCE and is noisy (random eps)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+@pytest.mark.parametrize("loss", ["nt_xent", "sogclr"])
+def test_one_vs_eight_devices_same_step(loss, data_dir):
+  cfg = small_config(data_dir, loss=loss)
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    step, state, batch, _ = setup_step(cfg, devices)
+    for k in range(3):
+      state, logs = step(state, batch(k))
+    results.append((jax.device_get(state["params"]), float(logs["loss"])))
+  (p1, l1), (p8, l8) = results
+  np.testing.assert_allclose(l8, l1, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_resume_gives_the_same_parameters(data_dir, tmp_path):
+  cfg = small_config(data_dir, num_steps=16, checkpoint_every=100)
+  train.train_and_evaluate(cfg, str(tmp_path / "full"))
+  stopped = train.train_and_evaluate(cfg, str(tmp_path / "resumed"), stop_at=7)
+  assert stopped == {"preempted": True, "step": 7}
+  train.train_and_evaluate(cfg, str(tmp_path / "resumed"))
+  _, full, _ = train.restore_for_eval(str(tmp_path / "full"))
+  _, resumed, _ = train.restore_for_eval(str(tmp_path / "resumed"))
+  assert int(full["step"]) == int(resumed["step"]) == 16
+  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)  # bitwise, loss state and optimiser state included
+  lines = [json.loads(l) for l in open(tmp_path / "resumed" / "metrics.jsonl")]
+  assert lines[-1]["phase"] == "final" and "knn_top1" in lines[-1]
+
+
+def test_sigterm_checkpoints_and_next_start_resumes(data_dir, tmp_path):
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "contrastive_jax.train",
+         "--config", os.path.join(ROOT, "configs", "mnist_gamma.py"), "--workdir", str(workdir),
+         "--config.dataset=sklearn_digits", f"--config.data_dir={data_dir}",
+         "--config.batch_size=32", "--config.num_steps=100000", "--config.log_every=1",
+         "--config.checkpoint_every=1000000", "--config.eval_at_init=False",
+         "--config.progress=False"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+
+  def run_until_training():
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    metrics = workdir / "metrics.jsonl"
+    start = len(open(metrics).readlines()) if metrics.exists() else 0
+    while time.time() < deadline and proc.poll() is None:
+      if metrics.exists() and len(open(metrics).readlines()) > start + 2:
+        break
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    return proc.returncode, out
+
+  code, out = run_until_training()
+  assert code == 0, out
+  assert "checkpoint saved at step" in out
+  steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+  assert steps and steps[-1] > 0
+  code, out = run_until_training()
+  assert code == 0, out
+  assert f"resumed from {workdir} at step {steps[-1]}" in out
+
+
+def test_bad_input_is_a_clear_error_and_loses_nothing(data_dir, tmp_path):
+  with pytest.raises(ValueError, match="unknown loss 'infonce2'.*--config.loss"):
+    train.train_and_evaluate(small_config(data_dir, loss="infonce2"), str(tmp_path / "a"))
+  with pytest.raises(ValueError, match="unknown model 'resnet7'"):
+    train.train_and_evaluate(small_config(data_dir, model="resnet7"), str(tmp_path / "a"))
+  with pytest.raises(FileNotFoundError, match="dataset 'no_such_data'"):
+    train.train_and_evaluate(small_config(data_dir, dataset="no_such_data"), str(tmp_path / "a"))
+  with pytest.raises(ValueError, match="batch_size 60 is not divisible by the 8 devices"):
+    train.train_and_evaluate(small_config(data_dir, batch_size=60), str(tmp_path / "a"))
+  # A workdir holding another config's checkpoint is refused and left as it was.
+  work = str(tmp_path / "b")
+  train.train_and_evaluate(small_config(data_dir, num_steps=4), work)
+  before = {f: open(os.path.join(work, f), "rb").read() for f in ("config.json", "metrics.jsonl")}
+  with pytest.raises(ValueError, match="different config.*loss: 'gamma' -> 'nt_xent'"):
+    train.train_and_evaluate(small_config(data_dir, num_steps=4, loss="nt_xent"), work)
+  after = {f: open(os.path.join(work, f), "rb").read() for f in before}
+  assert before == after
+  assert os.listdir(os.path.join(work, "checkpoints"))
