@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import mnist_gamma
+from contrastive_jax import evaluate
 from contrastive_jax import losses as L
 from contrastive_jax import train
 from contrastive_jax.data import pipeline
@@ -105,6 +106,10 @@ def test_resume_gives_the_same_parameters(data_dir, tmp_path):
     np.testing.assert_array_equal(a, b)  # bitwise, loss state and optimiser state included
   lines = [json.loads(l) for l in open(tmp_path / "resumed" / "metrics.jsonl")]
   assert lines[-1]["phase"] == "final" and "knn_top1" in lines[-1]
+  # The standalone evaluation command reads the checkpoint and writes JSON.
+  evaluate.main(["--workdir", str(tmp_path / "full")])
+  result = json.load(open(tmp_path / "full" / "eval_16.json"))
+  assert result["step"] == 16 and 0.0 < result["knn_top1"] <= 1.0
 
 
 def test_sigterm_checkpoints_and_next_start_resumes(data_dir, tmp_path):

@@ -1,0 +1,97 @@
+"""Evaluation protocols on cases with known answers and against scikit-learn."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.preprocessing import StandardScaler
+
+from contrastive_jax import evaluate as E
+from contrastive_jax import metrics
+
+
+def blobs(n, dim, classes, sep, seed):
+  rng = np.random.default_rng(seed)
+  y = rng.integers(0, classes, n)
+  centers = rng.normal(size=(classes, dim)) * sep
+  return (centers[y] + rng.normal(size=(n, dim))).astype(np.float32), y
+
+
+def test_separable_features_give_100_and_random_give_chance():
+  x, y = blobs(600, 16, 5, sep=20.0, seed=0)
+  assert E.knn_accuracy(x[:500], y[:500], x[500:], y[500:], num_classes=5) == 1.0
+  assert E.linear_probe(x[:500], y[:500], x[500:], y[500:], num_classes=5)["top1"] == 1.0
+  rng = np.random.default_rng(1)
+  xr, yr = rng.normal(size=(3000, 16)), rng.integers(0, 5, 3000)
+  knn = E.knn_accuracy(xr[:2000], yr[:2000], xr[2000:], yr[2000:], num_classes=5)
+  lin = E.linear_probe(xr[:2000], yr[:2000], xr[2000:], yr[2000:], num_classes=5)["top1"]
+  assert abs(knn - 0.2) < 0.05 and abs(lin - 0.2) < 0.05, (knn, lin)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_linear_probe_and_knn_agree_with_sklearn(seed):
+  x, y = blobs(1200, 24, 6, sep=0.35, seed=seed)  # overlapping classes: accuracy well below 100
+  tr, te = slice(0, 900), slice(900, None)
+  ours = E.linear_probe(x[tr], y[tr], x[te], y[te], num_classes=6)
+  scaler = StandardScaler().fit(x[tr])
+  sk = LogisticRegression(C=1.0 / (ours["weight_decay"] * 900), max_iter=5000).fit(
+      scaler.transform(x[tr]), y[tr]).score(scaler.transform(x[te]), y[te])
+  assert abs(ours["top1"] - sk) <= 0.01, (ours, sk)
+  assert 0.3 < sk < 0.95
+  # Unweighted-limit kNN: a huge temperature makes votes equal; sklearn's cosine kNN.
+  knn = E.knn_accuracy(x[tr], y[tr], x[te], y[te], num_classes=6, k=15, temperature=1e6)
+  sk_knn = KNeighborsClassifier(15, metric="cosine").fit(x[tr], y[tr]).score(x[te], y[te])
+  assert abs(knn - sk_knn) <= 0.01, (knn, sk_knn)
+
+
+def test_few_shot_reports_mean_and_std():
+  x, y = blobs(500, 8, 4, sep=6.0, seed=2)
+  out = E.few_shot(x[:400], y[:400], x[400:], y[400:], num_classes=4, shots=(1, 5))
+  assert set(out) == {"1-shot", "5-shot"}
+  assert out["5-shot"]["mean"] > 0.9 and out["1-shot"]["std"] >= 0
+
+
+def test_retrieval_identical_embeddings_and_several_captions():
+  rng = np.random.default_rng(0)
+  img = rng.normal(size=(50, 16))
+  r = E.retrieval_recall(img, img)
+  assert r["i2t_R@1"] == r["t2i_R@1"] == 1.0
+  # Two captions per image (noisy copies): recall@1 still perfect both ways.
+  txt = np.concatenate([img, img]) + 0.01 * rng.normal(size=(100, 16))
+  r = E.retrieval_recall(img, txt, txt_to_img=np.tile(np.arange(50), 2))
+  assert r["i2t_R@1"] == r["t2i_R@1"] == 1.0
+  # Shuffled captions: chance level.
+  r = E.retrieval_recall(img, rng.normal(size=(50, 16)))
+  assert r["i2t_R@10"] < 0.5
+
+
+def test_zero_shot_with_prompt_templates():
+  rng = np.random.default_rng(0)
+  classes = rng.normal(size=(10, 32))
+  labels = rng.integers(0, 10, 200)
+  img = classes[labels] + 0.3 * rng.normal(size=(200, 32))
+  prompts = classes[:, None] + 0.1 * rng.normal(size=(10, 3, 32))
+  out = E.zero_shot(img, prompts, labels)
+  assert out["top1"] > 0.95 and out["top5"] >= out["top3"] >= out["top1"]
+
+
+def test_geometry_known_gap_and_collapse():
+  rng = np.random.default_rng(0)
+  base = rng.normal(size=(400, 8))
+  base /= np.linalg.norm(base, axis=1, keepdims=True)
+  shift = np.zeros(8)
+  shift[0] = 0.5
+  img = base
+  txt = base + shift  # after normalisation the means differ by a computable vector
+  expected = np.linalg.norm(
+      (img / np.linalg.norm(img, axis=1, keepdims=True)).mean(0)
+      - (txt / np.linalg.norm(txt, axis=1, keepdims=True)).mean(0))
+  np.testing.assert_allclose(metrics.modality_gap(img, txt), expected, rtol=1e-5)
+  assert float(metrics.modality_gap(img, img)) < 1e-6
+  collapsed = np.outer(rng.normal(size=400), rng.normal(size=8))
+  assert float(metrics.effective_rank(jnp.asarray(collapsed))) < 1.1
+  assert int(metrics.rank(jnp.asarray(collapsed))) == 1
+  assert float(metrics.effective_rank(jnp.asarray(base))) > 7.0
+  g = E.geometry(img, txt)
+  assert {"modality_gap", "paired_distance", "alignment", "uniformity", "effective_rank"} <= set(g)
