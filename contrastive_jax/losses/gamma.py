@@ -69,11 +69,10 @@ def _log_eps(key: jax.Array, shape: float, n: int) -> jax.Array:
   return jax.random.loggamma(key, shape, (n,), jnp.float32) - jnp.log(shape)
 
 
-def _em_loss(logits, positive, num_neg, state, index, key, shape, rate_decay, estimator,
-             include_positive, axis_name):
-  """Shared E/M step for both layouts. logits [2b, K] local; rows = 2 groups of b anchors."""
-  b = logits.shape[0] // 2
-  log_zb = common.log_mean_negatives(logits, positive, num_neg, include_positive)  # [2b]
+def _em_loss(log_zb, pos, state, index, key, shape, rate_decay, estimator, axis_name):
+  """Shared E/M step. log_zb, pos [2b]: log mean-exp of each anchor's local negatives and its
+  positive logit; rows are 2 groups (views or directions) of b anchors."""
+  b = log_zb.shape[0] // 2
   if estimator == "per_example":
     table, log_zhat = common.update_table(state["log_z"], index, log_zb.reshape(2, b),
                                           rate_decay, axis_name)
@@ -85,7 +84,6 @@ def _em_loss(logits, positive, num_neg, state, index, key, shape, rate_decay, es
   if axis_name is not None:  # independent draws on every device
     key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
   log_u = jax.lax.stop_gradient(_log_eps(key, shape, 2 * b) - log_zhat.reshape(-1))
-  pos = jnp.take_along_axis(logits, positive[:, None], axis=1)[:, 0]
   per_anchor = jnp.exp(log_u + log_zb) - pos  # u_k * Zb_k - s_k+, in log space
   return common.global_mean(jnp.mean(per_anchor), axis_name), new_state
 
@@ -126,9 +124,9 @@ def gamma_loss(z1: jax.Array, z2: jax.Array, state: dict, index: Optional[jax.Ar
   if estimator == "per_example":
     common.check_index(index, z1.shape[0])
   logits, positive = common.two_view_logits(z1, z2, temperature, axis_name=None)
-  num_neg = logits.shape[1] - 2
-  return _em_loss(logits, positive, num_neg, state, index, key, shape, rate_decay, estimator,
-                  include_positive, axis_name)
+  log_zb = common.log_mean_negatives(logits, positive, logits.shape[1] - 2, include_positive)
+  pos = jnp.take_along_axis(logits, positive[:, None], axis=1)[:, 0]
+  return _em_loss(log_zb, pos, state, index, key, shape, rate_decay, estimator, axis_name)
 
 
 def gamma_clip_loss(img: jax.Array, txt: jax.Array, state: dict, index: Optional[jax.Array],
@@ -153,8 +151,13 @@ def gamma_clip_loss(img: jax.Array, txt: jax.Array, state: dict, index: Optional
   _check_options(shape, rate_decay, estimator, state)
   if estimator == "per_example":
     common.check_index(index, img.shape[0])
+  b = img.shape[0]
   s = common.similarity(img, txt, temperature)  # [b, b] local only
-  logits = jnp.concatenate([s, s.T], 0)
-  positive = jnp.tile(jnp.arange(img.shape[0], dtype=jnp.int32), 2)
-  return _em_loss(logits, positive, img.shape[0] - 1, state, index, key, shape, rate_decay,
-                  estimator, include_positive, axis_name)
+  pos = jnp.diagonal(s)
+  # Rows are image anchors, columns text anchors: reduce along each axis, no transpose.
+  masked = s if include_positive else jnp.where(jnp.eye(b, dtype=bool), common.NEG_INF, s)
+  n = b if include_positive else b - 1
+  log_zb = jnp.concatenate([jax.nn.logsumexp(masked, axis=1),
+                            jax.nn.logsumexp(masked, axis=0)]) - jnp.log(float(n))
+  return _em_loss(log_zb, jnp.concatenate([pos, pos]), state, index, key, shape, rate_decay,
+                  estimator, axis_name)
