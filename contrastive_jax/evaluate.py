@@ -84,6 +84,11 @@ def fit_logistic(x, y, *, num_classes: int, weight_decay: float, steps: int = 30
                          num_classes=num_classes, steps=steps)
 
 
+def _accuracy(params: dict, x, y) -> float:
+  """Top-1 of a fitted logistic probe on features x [N, F], labels y [N]."""
+  return float(np.mean(np.argmax(np.asarray(x @ params["w"] + params["b"]), -1) == np.asarray(y)))
+
+
 def linear_probe(train_x, train_y, test_x, test_y, *, num_classes: int,
                  weight_decays: Sequence[float] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
                  val_fraction: float = 0.2, seed: int = 0) -> dict:
@@ -98,15 +103,12 @@ def linear_probe(train_x, train_y, test_x, test_y, *, num_classes: int,
   n_val = max(1, int(val_fraction * len(train_x)))
   val, fit = order[:n_val], order[n_val:]
 
-  def accuracy(params, x, y):
-    return float(np.mean(np.argmax(np.asarray(x @ params["w"] + params["b"]), -1) == y))
-
-  scores = {wd: accuracy(fit_logistic(train_x[fit], train_y[fit], num_classes=num_classes,
+  scores = {wd: _accuracy(fit_logistic(train_x[fit], train_y[fit], num_classes=num_classes,
                                       weight_decay=wd), train_x[val], train_y[val])
             for wd in weight_decays}
   best = max(scores, key=lambda wd: (scores[wd], wd))
   params = fit_logistic(train_x, train_y, num_classes=num_classes, weight_decay=best)
-  return {"top1": accuracy(params, test_x, test_y), "weight_decay": best,
+  return {"top1": _accuracy(params, test_x, test_y), "weight_decay": best,
           "val_top1": scores[best]}
 
 
@@ -123,8 +125,7 @@ def few_shot(train_x, train_y, test_x, test_y, *, num_classes: int, shots=(1, 5,
                             for c in range(num_classes) if np.sum(train_y == c) >= k])
       tx, sx = _standardize(np.asarray(train_x, np.float32)[sel], np.asarray(test_x, np.float32))
       params = fit_logistic(tx, train_y[sel], num_classes=num_classes, weight_decay=weight_decay)
-      accs.append(float(np.mean(np.argmax(np.asarray(sx @ params["w"] + params["b"]), -1)
-                                == np.asarray(test_y))))
+      accs.append(_accuracy(params, sx, test_y))
     out[f"{k}-shot"] = {"mean": float(np.mean(accs)), "std": float(np.std(accs))}
   return out
 

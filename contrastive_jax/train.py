@@ -16,8 +16,9 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from absl import app, flags, logging
 import grain
@@ -32,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import tqdm
 
 from contrastive_jax import evaluate
+from contrastive_jax import metrics
 from contrastive_jax import losses as L
 from contrastive_jax.data import augment as aug_lib
 from contrastive_jax.data import pipeline
@@ -95,6 +97,27 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransf
 
 # ----------------------------------------------------------------------------
 # State and step.
+
+
+class Setup(NamedTuple):
+  """Everything a config determines before training starts."""
+  model: Any
+  train_src: Any
+  loss_fn: Callable
+  tx: optax.GradientTransformation
+  schedule: Callable
+  init: Callable  # () -> initial train state
+
+
+def build(cfg: ml_collections.ConfigDict) -> Setup:
+  """Model, data source, loss, optimiser and state initialiser of cfg (raises on bad names)."""
+  model = get_model(cfg.model, cfg.head_hidden, cfg.proj_dim)
+  train_src = pipeline.get_source(cfg.dataset, "train", cfg.data_dir)
+  loss_fn, loss_state = make_loss(cfg, len(train_src))
+  tx, schedule = make_optimizer(cfg)
+  image_shape = pipeline.to_float(train_src[0]["image"]).shape
+  init = functools.partial(init_state, cfg, model, tx, loss_state, image_shape)
+  return Setup(model, train_src, loss_fn, tx, schedule, init)
 
 
 def init_state(cfg, model, tx, loss_state, image_shape) -> dict:
@@ -182,7 +205,7 @@ def evaluate_state(cfg, model, params, *, linear: bool = False, data=None) -> di
   n_cls = int(max(tr_y.max(), te_y.max()) + 1)
   out = {"knn_top1": evaluate.knn_accuracy(tr_f, tr_y, te_f, te_y, num_classes=n_cls,
                                            k=cfg.knn_k),
-         "effective_rank": float(evaluate.metrics.effective_rank(jnp.asarray(te_f)))}
+         "effective_rank": float(metrics.effective_rank(jnp.asarray(te_f)))}
   if linear:
     out["linear_top1"] = evaluate.linear_probe(tr_f, tr_y, te_f, te_y, num_classes=n_cls)["top1"]
   return out
@@ -190,17 +213,6 @@ def evaluate_state(cfg, model, params, *, linear: bool = False, data=None) -> di
 
 # ----------------------------------------------------------------------------
 # Loop.
-
-
-class _Preempted:
-  """SIGTERM flag: the loop checkpoints and exits at the next step boundary."""
-
-  def __init__(self):
-    self.flag = False
-
-  def __call__(self, signum, frame):
-    del signum, frame
-    self.flag = True
 
 
 def _log(workdir, record):
@@ -223,17 +235,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   if cfg.batch_size % n_dev:
     raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {n_dev} devices: "
                      f"set --config.batch_size to a multiple of {n_dev}")
-  model = get_model(cfg.model, cfg.head_hidden, cfg.proj_dim)
-  train_src = pipeline.get_source(cfg.dataset, "train", cfg.data_dir)
-  loss_fn, loss_state = make_loss(cfg, len(train_src))
-  tx, schedule = make_optimizer(cfg)
+  setup = build(cfg)
+  model, train_src, tx = setup.model, setup.train_src, setup.tx
   _check_workdir_config(cfg, workdir)
 
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
   replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  image_shape = pipeline.to_float(train_src[0]["image"]).shape
-  state = jax.jit(functools.partial(init_state, cfg, model, tx, loss_state, image_shape),
-                  out_shardings=replicated)()
+  state = jax.jit(setup.init, out_shardings=replicated)()
 
   mngr = _manager(workdir, cfg.keep_checkpoints)
   if mngr.latest_step() is not None:
@@ -244,7 +252,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     print(f"resumed from {workdir} at step {int(state['step'])} "
           f"(data iterator at batch {restored['data']['next_index']})")
 
-  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn,
+  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, loss_fn=setup.loss_fn,
                                       mesh=mesh),
                     in_shardings=(replicated, data_sharding), out_shardings=(replicated, None),
                     donate_argnums=0)
@@ -256,8 +264,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   batches = iter(ds[start:].to_iter_dataset(
       grain.ReadOptions(num_threads=cfg.data_threads, prefetch_buffer_size=4)))
 
-  preempted = _Preempted()
-  old_handler = signal.signal(signal.SIGTERM, preempted)
+  preempted = threading.Event()  # set by SIGTERM: checkpoint and exit at the next step
+  old_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.set())
   data = eval_data(cfg, cfg.eval_limit)
   if start == 0 and cfg.eval_at_init:
     init_eval = evaluate_state(cfg, model, state["params"], data=data)
@@ -267,8 +275,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   t_last, n_last = time.perf_counter(), start
   try:
     for step in range(start, cfg.num_steps):
-      if preempted.flag or (stop_at is not None and step >= stop_at):
-        preempted.flag = True
+      if stop_at is not None and step >= stop_at:
+        preempted.set()
+      if preempted.is_set():
         break
       local = next(batches)
       batch = {k: jax.make_array_from_process_local_data(data_sharding, local[k])
@@ -280,7 +289,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
         now = time.perf_counter()
         rate = (done - n_last) * cfg.batch_size / (now - t_last)
         t_last, n_last = now, done
-        record = {"step": done, "phase": "train", "lr": float(schedule(done)),
+        record = {"step": done, "phase": "train", "lr": float(setup.schedule(done)),
                   "examples_per_s": rate, **{k: float(v) for k, v in logs.items()}}
         _log(workdir, record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{rate:.0f}")
@@ -296,7 +305,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   _save(mngr, state, {"next_index": int(state["step"]), "seed": cfg.seed})
   mngr.wait_until_finished()
   mngr.close()
-  if preempted.flag:
+  if preempted.is_set():
     print(f"stopped: checkpoint saved at step {int(state['step'])} in {workdir}; "
           "run the same command to resume")
     return {"preempted": True, "step": int(state["step"])}
@@ -316,18 +325,14 @@ def restore_for_eval(workdir: str, step=None):
   """(config, restored state, model) of a workdir, for `contrastive_jax.evaluate`."""
   with open(os.path.join(workdir, "config.json")) as f:
     cfg = ml_collections.ConfigDict(json.load(f))
-  model = get_model(cfg.model, cfg.head_hidden, cfg.proj_dim)
-  train_src = pipeline.get_source(cfg.dataset, "train", cfg.data_dir)
-  _, loss_state = make_loss(cfg, len(train_src))
-  tx, _ = make_optimizer(cfg)
-  abstract = jax.eval_shape(functools.partial(
-      init_state, cfg, model, tx, loss_state, pipeline.to_float(train_src[0]["image"]).shape))
+  setup = build(cfg)
+  abstract = jax.eval_shape(setup.init)
   mngr = _manager(workdir, cfg.keep_checkpoints)
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
   state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-  return cfg, state["state"], model
+  return cfg, state["state"], setup.model
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.",

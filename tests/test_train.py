@@ -19,7 +19,6 @@ from contrastive_jax import evaluate
 from contrastive_jax import losses as L
 from contrastive_jax import train
 from contrastive_jax.data import pipeline
-from contrastive_jax.models.encoders import get_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,15 +41,13 @@ def small_config(data_dir, **overrides):
 def setup_step(cfg, devices):
   """(jitted step, initial state, batch fn) for cfg on a mesh of `devices`."""
   mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-  src = pipeline.get_source(cfg.dataset, "train", cfg.data_dir)
-  model = get_model(cfg.model, cfg.head_hidden, cfg.proj_dim)
-  loss_fn, loss_state = train.make_loss(cfg, len(src))
-  tx, _ = train.make_optimizer(cfg)
+  setup = train.build(cfg)
   rep, dat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  state = jax.jit(functools.partial(train.init_state, cfg, model, tx, loss_state, (8, 8, 1)),
-                  out_shardings=rep)()
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, loss_fn=loss_fn,
-                                   mesh=mesh), in_shardings=(rep, dat), out_shardings=(rep, None))
+  state = jax.jit(setup.init, out_shardings=rep)()
+  step = jax.jit(functools.partial(train.train_step, model=setup.model, tx=setup.tx,
+                                   loss_fn=setup.loss_fn, mesh=mesh),
+                 in_shardings=(rep, dat), out_shardings=(rep, None))
+  src, model = setup.train_src, setup.model
   ds = pipeline.train_dataset(src, batch_size=cfg.batch_size, seed=cfg.seed)
   batch = lambda k: {key: jax.device_put(ds[k][key], dat) for key in ("view1", "view2", "index")}
   return step, state, batch, model

@@ -110,10 +110,14 @@ def global_logsumexp(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
   return m + jnp.log(jax.lax.psum(jnp.exp(x - m), axis_name))
 
 
+def positive_logits(logits: jax.Array, positive: jax.Array) -> jax.Array:
+  """logits [M, K] at each row's positive column [M] -> [M]."""
+  return jnp.take_along_axis(logits, positive[:, None], axis=1)[:, 0]
+
+
 def cross_entropy(logits: jax.Array, positive: jax.Array) -> jax.Array:
   """Per-row softmax cross-entropy: logits [M, K], positive column [M] -> [M]."""
-  pos = jnp.take_along_axis(logits, positive[:, None], axis=1)[:, 0]
-  return jax.nn.logsumexp(logits, axis=1) - pos
+  return jax.nn.logsumexp(logits, axis=1) - positive_logits(logits, positive)
 
 
 def two_view_logits(z1: jax.Array, z2: jax.Array, temperature, axis_name: Optional[str]):

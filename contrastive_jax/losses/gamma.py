@@ -125,7 +125,7 @@ def gamma_loss(z1: jax.Array, z2: jax.Array, state: dict, index: Optional[jax.Ar
     common.check_index(index, z1.shape[0])
   logits, positive = common.two_view_logits(z1, z2, temperature, axis_name=None)
   log_zb = common.log_mean_negatives(logits, positive, logits.shape[1] - 2, include_positive)
-  pos = jnp.take_along_axis(logits, positive[:, None], axis=1)[:, 0]
+  pos = common.positive_logits(logits, positive)
   return _em_loss(log_zb, pos, state, index, key, shape, rate_decay, estimator, axis_name)
 
 

@@ -89,7 +89,7 @@ def dcl_loss(z1: jax.Array, z2: jax.Array, *, temperature: float, weighted: bool
   common.check_positive("temperature", temperature)
   common.check_positive("sigma", sigma)
   logits, positive = common.two_view_logits(z1, z2, temperature, axis_name)
-  pos = jnp.take_along_axis(logits, positive[:, None], axis=1)[:, 0]
+  pos = common.positive_logits(logits, positive)
   neg = jnp.where(jax.nn.one_hot(positive, logits.shape[1], dtype=bool), common.NEG_INF, logits)
   if weighted:
     cos = pos * jnp.asarray(temperature, jnp.float32)  # both directions share c_k

@@ -49,6 +49,6 @@ def sogclr_loss(z1: jax.Array, z2: jax.Array, state: dict, index: jax.Array, *,
   neg_mask = jax.nn.one_hot(positive, logits.shape[1], dtype=bool) | jnp.isneginf(logits)
   weights = jax.lax.stop_gradient(jnp.exp(logits - log_u.reshape(-1)[:, None]))
   weighted = jnp.sum(jnp.where(neg_mask, 0.0, weights * logits), axis=1) / num_neg
-  pos = jnp.take_along_axis(logits, positive[:, None], axis=1)[:, 0]
+  pos = common.positive_logits(logits, positive)
   total = common.global_sum(jnp.sum(weighted - pos), axis_name)
   return total / logits.shape[1], {"log_u": log_u_table}
