@@ -40,6 +40,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.lr_scaling = "none"
   c.warmup_steps = 100
   c.weight_decay = 1e-4
+  # Devices and processes.
+  c.fsdp = 1  # > 1: shard parameters and optimiser state over this many devices (FSDP)
+  c.distributed = ml_collections.ConfigDict(dict(
+      initialize=False,  # True: jax.distributed.initialize (multi-process / multi-host)
+      # Unset: JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, else
+      # auto-detected (Cloud TPU, SLURM).
+      coordinator_address=ml_collections.config_dict.placeholder(str),
+      num_processes=ml_collections.config_dict.placeholder(int),
+      process_id=ml_collections.config_dict.placeholder(int),
+      timeout_s=300))
   # Logging, evaluation, checkpoints.
   c.log_every = 50
   c.eval_every = 0

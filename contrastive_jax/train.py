@@ -3,12 +3,15 @@
   python -m contrastive_jax.train --config configs/mnist_gamma.py --workdir runs/x \
       [--config.batch_size=64 ...]
 
-Data parallel over every device of a 1-D mesh ("data"): parameters replicated,
-batch sharded. The model runs under plain jit (GSPMD); the loss runs in
-`shard_map` with axis_name="data", so global-negative losses gather keys and the
-gamma loss keeps its negatives local. Batch k is a pure function of (seed, k), so
+Mesh ("data", "fsdp") over every device of every process: the batch is sharded
+over both axes; parameters and optimiser state are replicated (cfg.fsdp = 1, data
+parallel) or sharded over "fsdp" (FSDP: GSPMD gathers them where the model needs
+them). The model runs under plain jit; the loss runs in `shard_map` over both
+axes, so global-negative losses gather keys and the gamma loss keeps its
+negatives local. Multi-process (multi-host) runs call `jax.distributed.initialize`
+first (cfg.distributed); each process feeds its slice of every global batch. Batch k is a pure function of (seed, k), so
 a run resumed from a checkpoint at step k continues exactly as if never stopped.
-SIGTERM saves a checkpoint and exits cleanly.
+SIGTERM (or Ctrl-C) saves a checkpoint and exits cleanly.
 """
 
 import functools
@@ -129,11 +132,11 @@ def init_state(cfg, model, tx, loss_state, image_shape) -> dict:
 
 
 def train_step(state: dict, batch: dict, *, model, tx, loss_fn, mesh) -> tuple[dict, dict]:
-  """One optimiser step on a global batch sharded over mesh axis "data"."""
+  """One optimiser step on a global batch sharded over the mesh's BATCH_AXES."""
   key = jax.random.fold_in(state["rng"], state["step"])
   sharded_loss = jax.shard_map(
-      lambda z1, z2, s, i, k: loss_fn(z1, z2, s, i, k, "data"), mesh=mesh,
-      in_specs=(P("data"), P("data"), P(), P("data"), P()), out_specs=(P(), P()))
+      lambda z1, z2, s, i, k: loss_fn(z1, z2, s, i, k, BATCH_AXES), mesh=mesh,
+      in_specs=(P(BATCH_AXES), P(BATCH_AXES), P(), P(BATCH_AXES), P()), out_specs=(P(), P()))
 
   def objective(params):
     b = batch["view1"].shape[0]
@@ -150,6 +153,77 @@ def train_step(state: dict, batch: dict, *, model, tx, loss_fn, mesh) -> tuple[d
   logs = {"loss": loss, "nt_xent": L.nt_xent(z1, z2, temperature=0.1),
           "grad_norm": optax.tree.norm(grads)}
   return new_state, logs
+
+
+# ----------------------------------------------------------------------------
+# Processes, mesh and shardings.
+
+BATCH_AXES = ("data", "fsdp")  # the batch (and the loss's axis_name) spans both mesh axes
+
+
+def initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
+  """Joins a multi-process run when cfg.distributed.initialize is set.
+
+  Arguments left unset come from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+  JAX_PROCESS_ID, else from JAX's cluster auto-detection (Cloud TPU, SLURM, ...).
+  CPU processes exchange collectives over gloo.
+  """
+  d = cfg.get("distributed")
+  if d is None or not d.initialize or jax.distributed.is_initialized():
+    return
+  env = lambda name: int(os.environ[name]) if name in os.environ else None
+  num = d.num_processes if d.num_processes is not None else env("JAX_NUM_PROCESSES")
+  pid = d.process_id if d.process_id is not None else env("JAX_PROCESS_ID")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend only
+  jax.distributed.initialize(d.coordinator_address, num, pid,
+                             initialization_timeout=d.timeout_s)
+
+
+def make_mesh(cfg: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+  """("data", "fsdp") mesh over `devices` (default: all devices of all processes)."""
+  devices = np.array(jax.devices() if devices is None else devices)
+  fsdp = cfg.get("fsdp", 1)
+  if fsdp < 1 or devices.size % fsdp:
+    raise ValueError(f"fsdp={fsdp} must divide the {devices.size} devices")
+  return jax.sharding.Mesh(devices.reshape(-1, fsdp), ("data", "fsdp"))
+
+
+def _fsdp_spec(shape, n: int, min_size: int) -> P:
+  """Shards the largest dimension divisible by n over "fsdp"; small arrays stay replicated."""
+  if n == 1 or int(np.prod(shape)) < min_size:
+    return P()
+  dims = sorted((d for d in range(len(shape)) if shape[d] % n == 0), key=lambda d: -shape[d])
+  if not dims:
+    return P()
+  spec = [None] * len(shape)
+  spec[dims[0]] = "fsdp"
+  return P(*spec)
+
+
+def state_shardings(abstract_state: dict, mesh: jax.sharding.Mesh,
+                    min_size: int = 2**14) -> dict:
+  """NamedShardings of a train state: params and optimiser state FSDP-sharded when the
+  mesh's "fsdp" axis is > 1; loss state, step and rng replicated."""
+  n = mesh.shape["fsdp"]
+  shard = lambda x: NamedSharding(mesh, _fsdp_spec(x.shape, n, min_size))
+  rep = lambda x: NamedSharding(mesh, P())
+  return {k: jax.tree.map(shard if k in ("params", "opt_state") else rep, v)
+          for k, v in abstract_state.items()}
+
+
+def make_step(setup: "Setup", mesh: jax.sharding.Mesh, shardings: dict) -> Callable:
+  """jit-compiled train_step with the state's shardings and a batch-sharded input."""
+  batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
+  return jax.jit(functools.partial(train_step, model=setup.model, tx=setup.tx,
+                                   loss_fn=setup.loss_fn, mesh=mesh),
+                 in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                 donate_argnums=0)
+
+
+def host_params(params, mesh: jax.sharding.Mesh):
+  """Full parameters as NumPy on this host (gathered first if FSDP-sharded)."""
+  params = jax.jit(lambda p: p, out_shardings=NamedSharding(mesh, P()))(params)
+  return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), params)
 
 
 # ----------------------------------------------------------------------------
@@ -182,9 +256,10 @@ def _check_workdir_config(cfg, workdir) -> None:
           f"workdir {workdir} holds a run with a different config ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}): "
           "use a new --workdir or the original config")
   os.makedirs(workdir, exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    f.write(cfg.to_json(indent=2))
-  os.replace(path + ".tmp", path)
+  if jax.process_index() == 0:
+    with open(path + ".tmp", "w") as f:
+      f.write(cfg.to_json(indent=2))
+    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------
@@ -215,6 +290,11 @@ def evaluate_state(cfg, model, params, *, linear: bool = False, data=None) -> di
 # Loop.
 
 
+def _print(*args):
+  if jax.process_index() == 0:
+    print(*args, flush=True)
+
+
 def _log(workdir, record):
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
@@ -231,44 +311,53 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     the final evaluation dict (also written to workdir/final_eval.json), or
     {"preempted": True, "step": k} when stopped early.
   """
+  initialize_distributed(cfg)
   n_dev = jax.device_count()
   if cfg.batch_size % n_dev:
     raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {n_dev} devices: "
                      f"set --config.batch_size to a multiple of {n_dev}")
   setup = build(cfg)
-  model, train_src, tx = setup.model, setup.train_src, setup.tx
+  model, train_src = setup.model, setup.train_src
   _check_workdir_config(cfg, workdir)
 
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-  replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  state = jax.jit(setup.init, out_shardings=replicated)()
+  mesh = make_mesh(cfg)
+  shardings = state_shardings(jax.eval_shape(setup.init), mesh)
+  data_sharding = NamedSharding(mesh, P(BATCH_AXES))
+  state = jax.jit(setup.init, out_shardings=shardings)()
 
   mngr = _manager(workdir, cfg.keep_checkpoints)
   if mngr.latest_step() is not None:
+    # Abstract state with this run's shardings: a checkpoint written by any process count
+    # or mesh restores onto this one.
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
     state = restored["state"]
-    print(f"resumed from {workdir} at step {int(state['step'])} "
-          f"(data iterator at batch {restored['data']['next_index']})")
+    _print(f"resumed from {workdir} at step {int(state['step'])} "
+           f"(data iterator at batch {restored['data']['next_index']})")
 
-  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, loss_fn=setup.loss_fn,
-                                      mesh=mesh),
-                    in_shardings=(replicated, data_sharding), out_shardings=(replicated, None),
-                    donate_argnums=0)
+  step_fn = make_step(setup, mesh, shardings)
   ds = pipeline.train_dataset(
-      train_src, batch_size=cfg.batch_size // jax.process_count(), seed=cfg.seed,
+      train_src, batch_size=cfg.batch_size, seed=cfg.seed,
       augment=aug_lib.AugmentConfig(**cfg.augment.to_dict()),
       process_index=jax.process_index(), process_count=jax.process_count())
   start = int(state["step"])
   batches = iter(ds[start:].to_iter_dataset(
       grain.ReadOptions(num_threads=cfg.data_threads, prefetch_buffer_size=4)))
 
-  preempted = threading.Event()  # set by SIGTERM: checkpoint and exit at the next step
-  old_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.set())
+  # SIGTERM (preemption) or a first Ctrl-C: checkpoint and exit at the next step; a second
+  # Ctrl-C interrupts at once.
+  preempted = threading.Event()
+
+  def on_signal(signum, _):
+    preempted.set()
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+
+  old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
   data = eval_data(cfg, cfg.eval_limit)
   if start == 0 and cfg.eval_at_init:
-    init_eval = evaluate_state(cfg, model, state["params"], data=data)
+    init_eval = evaluate_state(cfg, model, host_params(state["params"], mesh), data=data)
     _log(workdir, {"step": 0, "phase": "eval", **init_eval})
   bar = tqdm.tqdm(total=cfg.num_steps, initial=start, desc="train", unit="step",
                   disable=jax.process_index() != 0 or not cfg.progress, dynamic_ncols=True)
@@ -296,28 +385,31 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
       bar.update(1)
       if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.num_steps:
         _log(workdir, {"step": done, "phase": "eval",
-                       **evaluate_state(cfg, model, state["params"], data=data)})
+                       **evaluate_state(cfg, model, host_params(state["params"], mesh),
+                                        data=data)})
       if done % cfg.checkpoint_every == 0:
         _save(mngr, state, {"next_index": done, "seed": cfg.seed})
   finally:
     bar.close()
-    signal.signal(signal.SIGTERM, old_handler)
+    for signum, handler in old_handlers.items():
+      signal.signal(signum, handler)
   _save(mngr, state, {"next_index": int(state["step"]), "seed": cfg.seed})
   mngr.wait_until_finished()
   mngr.close()
   if preempted.is_set():
-    print(f"stopped: checkpoint saved at step {int(state['step'])} in {workdir}; "
-          "run the same command to resume")
+    _print(f"stopped: checkpoint saved at step {int(state['step'])} in {workdir}; "
+           "run the same command to resume")
     return {"preempted": True, "step": int(state["step"])}
 
   result = {"step": int(state["step"]),
-            **evaluate_state(cfg, model, state["params"], linear=cfg.final_linear_probe,
-                             data=data)}
+            **evaluate_state(cfg, model, host_params(state["params"], mesh),
+                             linear=cfg.final_linear_probe, data=data)}
   if start == 0 and cfg.eval_at_init:
     result["random_init"] = init_eval
   _log(workdir, {"phase": "final", **result})
-  with open(os.path.join(workdir, "final_eval.json"), "w") as f:
-    json.dump(result, f, indent=2)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "final_eval.json"), "w") as f:
+      json.dump(result, f, indent=2)
   return result
 
 
@@ -326,7 +418,10 @@ def restore_for_eval(workdir: str, step=None):
   with open(os.path.join(workdir, "config.json")) as f:
     cfg = ml_collections.ConfigDict(json.load(f))
   setup = build(cfg)
-  abstract = jax.eval_shape(setup.init)
+  # Onto this host's first device, whatever process count or mesh wrote the checkpoint.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          jax.eval_shape(setup.init))
   mngr = _manager(workdir, cfg.keep_checkpoints)
   step = mngr.latest_step() if step is None else step
   if step is None:
@@ -338,6 +433,8 @@ def restore_for_eval(workdir: str, step=None):
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_STOP_AT = flags.DEFINE_integer("stop_at", None, "Checkpoint and exit after this step, as if "
+                                "preempted (time-boxed jobs, tests).")
 
 
 def main(argv):
@@ -347,9 +444,11 @@ def main(argv):
     sys.exit("error: --config and --workdir are required, e.g. "
              "--config configs/mnist_gamma.py --workdir runs/mnist_gamma")
   try:
-    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value, stop_at=_STOP_AT.value)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
+  if jax.process_index() != 0:
+    return
   print(json.dumps(result))
   if "knn_top1" in result and "random_init" in result:
     print(f"kNN top-1: trained {100 * result['knn_top1']:.1f} % vs random init "

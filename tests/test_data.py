@@ -77,12 +77,18 @@ def test_batches_shapes_ranges_and_index(digits):
   assert len(np.unique(epoch)) == len(epoch)  # an epoch visits each example at most once
 
 
-def test_per_process_slices_are_disjoint(digits):
-  parts = [np.concatenate([pipeline.train_dataset(digits, batch_size=8, seed=0, process_index=p,
-                                                  process_count=2)[k]["index"]
-                           for k in range(len(digits) // 16)]) for p in (0, 1)]
-  assert not set(parts[0]) & set(parts[1])
-  assert all(i % 2 == p for p in (0, 1) for i in parts[p])
+def test_process_slices_assemble_the_single_process_batch(digits):
+  """2 processes x 8 rows == 1 process x 16 rows, element for element (views included)."""
+  whole = pipeline.train_dataset(digits, batch_size=16, seed=3)
+  parts = [pipeline.train_dataset(digits, batch_size=16, seed=3, process_index=p, process_count=2)
+           for p in (0, 1)]
+  for k in (0, 1, 200):
+    for key in ("index", "view1", "view2"):
+      np.testing.assert_array_equal(np.concatenate([parts[0][k][key], parts[1][k][key]]),
+                                    whole[k][key])
+  assert len(parts[0][5]["index"]) == 8
+  with pytest.raises(ValueError, match="divisible"):
+    pipeline.train_dataset(digits, batch_size=15, seed=0, process_index=0, process_count=2)
 
 
 @pytest.mark.parametrize("shape", [(8, 8, 1), (28, 28, 1), (32, 32, 3)])

@@ -40,17 +40,15 @@ def small_config(data_dir, **overrides):
 
 def setup_step(cfg, devices):
   """(jitted step, initial state, batch fn) for cfg on a mesh of `devices`."""
-  mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+  mesh = train.make_mesh(cfg, devices)
   setup = train.build(cfg)
-  rep, dat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  state = jax.jit(setup.init, out_shardings=rep)()
-  step = jax.jit(functools.partial(train.train_step, model=setup.model, tx=setup.tx,
-                                   loss_fn=setup.loss_fn, mesh=mesh),
-                 in_shardings=(rep, dat), out_shardings=(rep, None))
-  src, model = setup.train_src, setup.model
-  ds = pipeline.train_dataset(src, batch_size=cfg.batch_size, seed=cfg.seed)
+  shardings = train.state_shardings(jax.eval_shape(setup.init), mesh)
+  state = jax.jit(setup.init, out_shardings=shardings)()
+  step = train.make_step(setup, mesh, shardings)
+  dat = NamedSharding(mesh, P(train.BATCH_AXES))
+  ds = pipeline.train_dataset(setup.train_src, batch_size=cfg.batch_size, seed=cfg.seed)
   batch = lambda k: {key: jax.device_put(ds[k][key], dat) for key in ("view1", "view2", "index")}
-  return step, state, batch, model
+  return step, state, batch, setup.model
 
 
 @pytest.mark.parametrize("loss", ["nt_xent", "dcl", "clip", "sigmoid", "sogclr", "gamma"])
@@ -87,6 +85,28 @@ def test_one_vs_eight_devices_same_step(loss, data_dir):
   (p1, l1), (p8, l8) = results
   np.testing.assert_allclose(l8, l1, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("fsdp", [2, 8])
+def test_fsdp_shards_parameters_and_matches_data_parallel(fsdp, data_dir):
+  cfg = small_config(data_dir, loss="gamma", head_hidden=128)
+  results = []
+  for f in (1, fsdp):
+    cfg.fsdp = f
+    step, state, batch, _ = setup_step(cfg, jax.devices())
+    for k in range(3):
+      state, logs = step(state, batch(k))
+    results.append((state, float(logs["loss"])))
+  (dp, l1), (sharded, lf) = results
+  kernel = sharded["params"]["params"]["encoder"]["Dense_0"]["kernel"]  # [64, 512]
+  assert kernel.sharding.spec == P(None, "fsdp"), kernel.sharding
+  assert kernel.addressable_shards[0].data.shape == (64, 512 // fsdp)
+  mu = sharded["opt_state"][0].mu["params"]["encoder"]["Dense_0"]["kernel"]
+  assert mu.addressable_shards[0].data.shape == (64, 512 // fsdp)  # optimiser state too
+  np.testing.assert_allclose(lf, l1, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(jax.device_get(sharded["params"])),
+                  jax.tree.leaves(jax.device_get(dp["params"]))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 

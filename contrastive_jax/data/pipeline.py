@@ -89,18 +89,27 @@ def train_dataset(source, *, batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
   """Infinite, shuffled (reshuffled every epoch), augmented batches of this process.
 
+  Global batch k is a pure function of (seed, k), whatever the process count;
+  process p of n gets rows [p b, (p + 1) b) of it (b = batch_size / n), so 1 process
+  and n processes train on exactly the same global batches and a checkpoint's
+  batch counter resumes on any process count.
+
   Args:
     source: random-access records (from `get_source`).
-    batch_size: per-process batch size (global batch / process_count).
+    batch_size: GLOBAL batch size, divisible by process_count.
     seed: shuffling and augmentation seed.
-    process_index, process_count: this process's slice of the examples.
+    process_index, process_count: this process's slice of every global batch.
   Returns:
-    MapDataset whose element k is batch k: view1, view2 [b, H, W, C], label, index [b].
+    MapDataset whose element k is this process's part of global batch k:
+    view1, view2 [b, H, W, C], label, index [b].
   """
-  examples = grain.MapDataset.range(len(source))[process_index::process_count]
-  if batch_size > len(examples):
-    raise ValueError(f"batch_size {batch_size} exceeds the {len(examples)} examples of "
-                     f"process {process_index}: lower --config.batch_size")
-  return (examples.shuffle(seed=seed).repeat(None)
-          .random_map(TwoViews(source, augment), seed=seed)
-          .batch(batch_size, drop_remainder=True))
+  if batch_size > len(source):
+    raise ValueError(f"batch_size {batch_size} exceeds the {len(source)} training examples: "
+                     "lower --config.batch_size")
+  if batch_size % process_count:
+    raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
+  examples = (grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
+              .random_map(TwoViews(source, augment), seed=seed))
+  # Consecutive chunks of b examples; chunk k n + p is process p's part of global batch k.
+  local = examples.batch(batch_size // process_count, drop_remainder=True)
+  return local[process_index::process_count]

@@ -1,0 +1,107 @@
+"""Real multi-process training: 2 processes x 4 CPU devices == 1 process x 8 devices.
+
+Each run is the trainer CLI in its own OS process; the 2-process run joins over
+loopback through `jax.distributed` (gloo collectives). Every process is killed
+if it outlives its timeout, and the coordinator port is checked free afterwards.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from contrastive_jax import train
+from contrastive_jax.data import pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, STOP = 6, 3
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _nothing_listens_on(port: int) -> bool:
+  try:
+    socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    return False
+  except OSError:  # refused: the coordinator has released its port
+    return True
+
+
+def _train(workdir, data_dir, loss, *, processes, devices, stop_at=None, timeout=240):
+  """Runs the trainer CLI as `processes` processes of `devices` CPU devices each."""
+  port = _free_port()
+  args = [f"--config.dataset=sklearn_digits", f"--config.data_dir={data_dir}",
+          f"--config.loss={loss}", "--config.batch_size=64", f"--config.num_steps={STEPS}",
+          "--config.log_every=1", f"--config.checkpoint_every={STOP}",
+          "--config.keep_checkpoints=5", "--config.eval_at_init=False",
+          "--config.final_linear_probe=False", "--config.eval_limit=200",
+          "--config.progress=False", "--config.warmup_steps=2", "--config.head_hidden=64",
+          "--config.proj_dim=32", "--config.data_threads=1"]
+  if stop_at is not None:
+    args.append(f"--stop_at={stop_at}")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  procs = []
+  try:
+    for pid in range(processes):
+      dist = [] if processes == 1 else [
+          "--config.distributed.initialize=True",
+          f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+          f"--config.distributed.num_processes={processes}",
+          f"--config.distributed.process_id={pid}", "--config.distributed.timeout_s=60"]
+      procs.append(subprocess.Popen(
+          [sys.executable, "-m", "contrastive_jax.train", "--config", "configs/mnist_gamma.py",
+           "--workdir", workdir, *args, *dist], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+  finally:
+    for p in procs:  # bounded: nothing outlives the test
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  assert _nothing_listens_on(port)
+  return outputs
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f) if r.get("phase") == "train"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("tfds"))
+  pipeline.get_source("sklearn_digits", "train", path)  # prepare once, before the processes
+  return path
+
+
+@pytest.mark.parametrize("loss", ["gamma", "nt_xent"])
+def test_two_processes_match_one_and_resume_on_one(loss, data_dir, tmp_path):
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  _train(one, data_dir, loss, processes=1, devices=8)
+  out = _train(two, data_dir, loss, processes=2, devices=4, stop_at=STOP)
+  assert "checkpoint saved at step 3" in out[0] and not out[1].strip().endswith("}")
+  # The checkpoint written by 2 processes resumes in 1 process of 8 devices.
+  resumed = _train(two, data_dir, loss, processes=1, devices=8)
+  assert f"resumed from {two} at step {STOP}" in resumed[0]
+
+  l1, l2 = _losses(one), _losses(two)
+  assert sorted(l1) == sorted(l2) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([l2[s] for s in l1], [l1[s] for s in l1], rtol=1e-5)
+  for step in (STOP, STEPS):  # after the 2-process part, and after the 1-process resume
+    _, a, _ = train.restore_for_eval(one, step)
+    _, b, _ = train.restore_for_eval(two, step)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+  assert os.path.exists(os.path.join(two, "final_eval.json"))
