@@ -13,7 +13,6 @@ collectives move per step off the HLO. The last line printed is JSON.
 import argparse
 import json
 import os
-import re
 import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -25,6 +24,7 @@ import optax  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from contrastive_jax import losses as L  # noqa: E402
+from contrastive_jax.hlo import collective_bytes as hlo_collective_bytes  # noqa: E402
 
 D, T = 128, 0.1
 
@@ -67,11 +67,6 @@ def matmul_bound(rows, reps):
   return timeit(f, a, k, reps=reps)
 
 
-HLO_OP = re.compile(r"= (\S+) (all-gather|all-to-all|collective-permute|all-reduce|"
-                    r"reduce-scatter)(?:-start)?\(")
-BYTES = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1, "s64": 8, "f64": 8}
-
-
 def collective_bytes(fn, b, n_examples):
   """Bytes in the results of each collective kind of fwd+bwd sharded over all devices."""
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
@@ -80,13 +75,7 @@ def collective_bytes(fn, b, n_examples):
   g = jax.grad(f, (0, 1))
   z = jnp.zeros((b, D))
   hlo = jax.jit(g).lower(z, z, jnp.arange(b) % n_examples, jax.random.key(0)).compile().as_text()
-  out = {}
-  for m in HLO_OP.finditer(hlo):
-    total = 0
-    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)):
-      total += BYTES.get(dtype, 4) * int(np.prod([int(x) for x in dims.split(",") if x] or [1]))
-    out[m.group(2)] = out.get(m.group(2), 0) + total
-  return out
+  return hlo_collective_bytes(hlo)
 
 
 def main():

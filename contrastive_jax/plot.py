@@ -27,7 +27,7 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def plot_curves(records: Sequence[dict], path: str,
-                keys: Sequence[str] = ("loss", "nt_xent", "examples_per_s", "knn_top1")) -> str:
+                keys: Sequence[str] = ("loss", "nt_xent_local", "examples_per_s", "knn_top1")) -> str:
   """One panel per metric against step; train and eval records both."""
   keys = [k for k in keys if any(k in r for r in records)]
   fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)

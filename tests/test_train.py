@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import mnist_gamma
 from contrastive_jax import evaluate
+from contrastive_jax import hlo
 from contrastive_jax import losses as L
 from contrastive_jax import train
 from contrastive_jax.data import pipeline
@@ -86,6 +87,25 @@ def test_one_vs_eight_devices_same_step(loss, data_dir):
   np.testing.assert_allclose(l8, l1, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_train_step_communication(data_dir):
+  """Compiled step on 8 devices: data parallel (one gradient all-reduce, inputs never
+  gathered); gamma gathers only (index, log-denominator) pairs, nt_xent gathers keys."""
+  moved = {}
+  for loss in ("gamma", "nt_xent"):
+    cfg = small_config(data_dir, loss=loss, proj_dim=16)
+    step, state, batch, _ = setup_step(cfg, jax.devices())
+    moved[loss] = hlo.collectives(step.lower(state, batch(0)).compile().as_text())
+  b, p = 64, 16  # global batch, projection dim; one view of images is b x 64 floats
+  n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+  for loss, ops in moved.items():
+    reduced = sum(n for kind, n in ops if kind == "all-reduce")
+    assert 4 * n_params <= reduced < 4 * n_params + 1024, (loss, reduced, n_params)
+    assert all(n < b * 64 * 4 for kind, n in ops if kind == "all-gather"), ops  # no images
+  gathered = lambda loss: sum(n for kind, n in moved[loss] if kind == "all-gather")
+  assert gathered("gamma") == 4 * 3 * b  # b indices + 2 b log-denominators
+  assert gathered("nt_xent") >= 4 * 2 * b * p  # both views' keys
 
 
 @pytest.mark.parametrize("fsdp", [2, 8])
