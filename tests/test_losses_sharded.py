@@ -118,7 +118,7 @@ def test_gamma_moves_no_embeddings(mesh):
   ops = collectives(gamma_sharded(mesh, "global"), z1, z2, index, key)
   assert ops, "expected the scalar all-reduces of the loss and the state"
   assert all(op == "all-reduce" for op, _ in ops), ops
-  assert all(elements(shape) <= 2 for _, shape in ops), ops  # scalars (one per view)
+  assert sum(elements(n) for _, n in ops) <= 8, ops  # a few scalars: loss, 2 log-rates
   # per_example: all-gathers carry only the B indices and 2 x B log-denominators.
   ops = collectives(gamma_sharded(mesh, "per_example"), z1, z2, index, key)
   assert not [op for op, _ in ops if op in ("all-to-all", "collective-permute")], ops
