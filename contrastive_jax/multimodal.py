@@ -1,6 +1,13 @@
-"""Image-text training of the CLIP-style two-tower model with the CVPR 2023 regularisers.
+"""Image-text training with the CVPR 2023 latent-structure regularisers.
+
+Two frameworks (cfg.framework):
+  clip   two-tower model; the augmented features come from the online model on
+         augmented inputs.
+  albef  fusion model; the augmented features come from momentum (EMA) encoders;
+         adds image-text matching on hard negatives and masked language modelling.
 
   objective = ITC + w_sep L_sep + w_br L_br + w_gc L_gc + w_align L_align
+              (+ w_itm L_itm + w_mlm L_mlm for albef)
 
 ITC is any contrastive loss of the library between image and text embeddings
 ("clip" with the learnable temperature, "l_con" the 4-term form with augmented
@@ -10,7 +17,7 @@ augmented image is the image with pixel noise and brightness jitter (placement
 is kept: it is an image-only attribute); the augmented text is another caption
 of the same image.
 
-This module holds the objective, the jitted step and evaluation on in-memory
+This module holds the objectives, the jitted step and evaluation on in-memory
 arrays (the built-in captioned data fits in memory); `experiments/
 modality_structures.py` drives it.
 """
@@ -36,9 +43,13 @@ def get_config() -> ml_collections.ConfigDict:
   """Defaults for captioned digits on CPU."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.framework = "clip"  # clip | albef
   c.itc = "clip"  # clip | l_con | gamma_clip
   c.learn_temperature = True
   c.temperature = 0.1  # used when learn_temperature is False, and by gamma_clip
+  # gamma_clip's running-denominator weight: each example's entry is refreshed once an
+  # epoch, so a small weight leaves it stale (measured: 0.01 barely trains here).
+  c.gamma_rate = 0.5
   c.weights = ml_collections.ConfigDict(dict(sep=0.0, br=0.0, gc=0.0, align=0.0))
   c.bridge_t = 0.25
   c.image_model = "mlp"
@@ -49,16 +60,27 @@ def get_config() -> ml_collections.ConfigDict:
   c.learning_rate = 1e-3
   c.weight_decay = 1e-4
   c.noise_std = 0.1
+  # albef only.
+  c.momentum = 0.995
+  c.itm_weight = 1.0
+  c.mlm_weight = 1.0
+  c.mlm_prob = 0.15
   return c
 
 
 ITC = ("clip", "l_con", "gamma_clip")
+FRAMEWORKS = ("clip", "albef")
 
 
-def build(cfg: ml_collections.ConfigDict, vocab_size: int) -> multimodal.TwoTower:
-  """The two-tower model of cfg (independent heads only when separation is on)."""
+def build(cfg: ml_collections.ConfigDict, vocab_size: int):
+  """The model of cfg (independent heads only when separation is on)."""
   if cfg.itc not in ITC:
     raise ValueError(f"unknown itc {cfg.itc!r}: use one of {ITC}")
+  if cfg.framework not in FRAMEWORKS:
+    raise ValueError(f"unknown framework {cfg.framework!r}: use one of {FRAMEWORKS}")
+  if cfg.framework == "albef":
+    return multimodal.Fusion(vocab_size, captions.MAX_LEN, cfg.text_width, cfg.text_depth,
+                             proj_dim=cfg.proj_dim, separate=cfg.weights.sep > 0)
   image_encoder = get_model(cfg.image_model, 256, cfg.proj_dim).encoder
   text_encoder = multimodal.TextTransformer(vocab_size, captions.MAX_LEN, cfg.text_width,
                                             cfg.text_depth)
@@ -74,31 +96,20 @@ def augment_images(key: jax.Array, images: jax.Array, noise_std: float) -> jax.A
   return jnp.clip(images * scale + noise, 0.0, 1.0)
 
 
-def objective(params, batch: dict, loss_state: Any, key: jax.Array, *, model, cfg):
-  """(total loss, (new loss state, {term: value})) of one batch.
-
-  batch: image float [B, H, W, C], tokens / tokens_aug int32 [B, L] (two captions
-  of each image), index int32 [B].
-  """
-  k_aug, k_loss = jax.random.split(key)
-  out = model.apply(params, batch["image"], batch["tokens"])
-  aug = model.apply(params, augment_images(k_aug, batch["image"], cfg.noise_std),
-                    batch["tokens_aug"])
-  t = out["temperature"] if cfg.learn_temperature else cfg.temperature
-  img, txt = out["img"], out["txt"]
+def _contrastive_terms(emb: dict, aug: dict, t, loss_state, index, key, cfg):
+  """ITC and the weighted regularisers from online (emb) and augmented (aug) embeddings."""
+  img, txt = emb["img"], emb["txt"]
   if cfg.itc == "clip":
     itc = L.clip_loss(img, txt, temperature=t)
   elif cfg.itc == "l_con":
     itc = L.modality_contrastive_loss(img, txt, aug["img"], aug["txt"], temperature=t)
-  elif cfg.itc == "gamma_clip":
-    itc, loss_state = L.gamma_clip_loss(img, txt, loss_state, batch["index"], k_loss,
-                                        temperature=cfg.temperature)
   else:
-    raise ValueError(f"unknown itc {cfg.itc!r}: use one of {ITC}")
+    itc, loss_state = L.gamma_clip_loss(img, txt, loss_state, index, key,
+                                        temperature=cfg.temperature, rate_decay=cfg.gamma_rate)
   w = cfg.weights
   terms = {"itc": itc}
   if w.sep > 0:
-    terms["sep"] = L.feature_separation_loss(img, txt, out["img_ind"], out["txt_ind"],
+    terms["sep"] = L.feature_separation_loss(img, txt, emb["img_ind"], emb["txt_ind"],
                                              aug["img_ind"], aug["txt_ind"], temperature=t)
   if w.br > 0:
     terms["br"] = L.brownian_bridge_loss(img, txt, aug["img"], t=cfg.bridge_t,
@@ -109,6 +120,86 @@ def objective(params, batch: dict, loss_state: Any, key: jax.Array, *, model, cf
     terms["align"] = jnp.mean(jnp.sum(
         (metrics.l2_normalize(img) - metrics.l2_normalize(txt)) ** 2, -1))
   total = itc + sum(w[k] * v for k, v in terms.items() if k != "itc")
+  return total, terms, loss_state
+
+
+def hard_negatives(key: jax.Array, sim: jax.Array, same: jax.Array) -> jax.Array:
+  """For each row, a column sampled with probability softmax(sim) over the columns that
+  are not its positive: [B, B] similarities, same [B, B] bool (True = positive, e.g. the
+  diagonal and identical captions) -> int32 [B]. Never returns a positive."""
+  logits = jnp.where(same, -jnp.inf, sim.astype(jnp.float32))
+  return jax.random.categorical(key, logits, axis=-1)
+
+
+def mask_tokens(key: jax.Array, tokens: jax.Array, prob: float) -> tuple[jax.Array, jax.Array]:
+  """BERT-style masking of word tokens: (masked tokens, bool targets [B, L]); at least
+  one word per caption is masked."""
+  words = tokens > captions.MASK  # not a special token
+  k1, k2 = jax.random.split(key)
+  pick = (jax.random.uniform(k1, tokens.shape) < prob) & words
+  # Guarantee one target per row: the word with the largest random score.
+  score = jnp.where(words, jax.random.uniform(k2, tokens.shape), -1.0)
+  pick = pick | (jnp.arange(tokens.shape[1]) == jnp.argmax(score, 1)[:, None])
+  return jnp.where(pick, captions.MASK, tokens), pick
+
+
+def _albef_terms(params, ema_params, batch, key, *, model, cfg):
+  """(online embeddings, momentum embeddings of the augmented views, ITM and MLM losses)."""
+  k_aug, k_itm1, k_itm2, k_mlm = jax.random.split(key, 4)
+  img_tokens, img, img_ind = model.apply(params, batch["image"], method=model.encode_image)
+  seq, txt, txt_ind = model.apply(params, batch["tokens"], method=model.encode_text)
+  emb = {"img": img, "txt": txt, "img_ind": img_ind, "txt_ind": txt_ind}
+  ema = jax.lax.stop_gradient(ema_params)
+  _, img_m, img_ind_m = model.apply(ema, augment_images(k_aug, batch["image"], cfg.noise_std),
+                                    method=model.encode_image)
+  _, txt_m, txt_ind_m = model.apply(ema, batch["tokens_aug"], method=model.encode_text)
+  aug = {"img": img_m, "txt": txt_m, "img_ind": img_ind_m, "txt_ind": txt_ind_m}
+
+  # ITM: every image with its caption (match), with a hard negative caption, and every
+  # caption with a hard negative image (no match); negatives never share the caption.
+  same = jnp.all(batch["tokens"][:, None] == batch["tokens"][None], -1)
+  sim = jax.lax.stop_gradient(metrics.l2_normalize(img) @ metrics.l2_normalize(txt).T)
+  neg_txt = hard_negatives(k_itm1, sim, same)
+  neg_img = hard_negatives(k_itm2, sim.T, same)
+  fuse = lambda it, sq, tk: model.apply(params, it, sq, tk, method=model.fuse)
+  fused = jnp.concatenate([
+      fuse(img_tokens, seq, batch["tokens"]),
+      fuse(img_tokens, seq[neg_txt], batch["tokens"][neg_txt]),
+      fuse(img_tokens[neg_img], seq, batch["tokens"])])
+  b = img.shape[0]
+  itm_labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)])
+  itm = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+      model.apply(params, fused, method=model.itm), itm_labels))
+
+  masked, targets = mask_tokens(k_mlm, batch["tokens"], cfg.mlm_prob)
+  mseq = model.apply(params, masked, method=model.encode_text)[0]
+  logits = model.apply(params, fuse(img_tokens, mseq, masked), method=model.mlm)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["tokens"])
+  mlm = jnp.sum(ce * targets) / jnp.sum(targets)
+  return emb, aug, itm, mlm
+
+
+def objective(params, batch: dict, loss_state: Any, key: jax.Array, *, model, cfg,
+              ema_params=None):
+  """(total loss, (new loss state, {term: value})) of one batch.
+
+  batch: image float [B, H, W, C], tokens / tokens_aug int32 [B, L] (two captions
+  of each image), index int32 [B]. ema_params: the momentum model (albef).
+  """
+  k_aug, k_loss = jax.random.split(key)
+  t_model = model.apply(params, method=model.temperature)
+  t = t_model if cfg.learn_temperature else cfg.temperature
+  if cfg.framework == "albef":
+    emb, aug, itm, mlm = _albef_terms(params, ema_params, batch, k_aug, model=model, cfg=cfg)
+  else:
+    emb = model.apply(params, batch["image"], batch["tokens"])
+    aug = model.apply(params, augment_images(k_aug, batch["image"], cfg.noise_std),
+                      batch["tokens_aug"])
+  total, terms, loss_state = _contrastive_terms(emb, aug, t, loss_state, batch["index"], k_loss,
+                                                cfg)
+  if cfg.framework == "albef":
+    terms.update(itm=itm, mlm=mlm)
+    total = total + cfg.itm_weight * itm + cfg.mlm_weight * mlm
   return total, (loss_state, terms)
 
 
@@ -117,19 +208,30 @@ def init(cfg, model, tx, num_examples: int, image_shape) -> dict:
   params = model.init(key, jnp.zeros((1,) + tuple(image_shape)),
                       jnp.full((1, captions.MAX_LEN), captions.CLS, jnp.int32))
   loss_state = L.init_gamma_state(num_examples) if cfg.itc == "gamma_clip" else {}
-  return {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params),
-          "loss_state": loss_state, "rng": jax.random.fold_in(key, 1)}
+  state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params),
+           "loss_state": loss_state, "rng": jax.random.fold_in(key, 1)}
+  if cfg.framework == "albef":
+    state["ema_params"] = jax.tree.map(jnp.copy, params)  # momentum encoders: copies
+  return state
+
+
+def ema_update(ema, params, momentum: float):
+  """Momentum encoder: ema <- m ema + (1 - m) params, leaf by leaf."""
+  return jax.tree.map(lambda e, p: momentum * e + (1.0 - momentum) * p, ema, params)
 
 
 def train_step(state: dict, batch: dict, *, model, tx, cfg) -> tuple[dict, dict]:
   key = jax.random.fold_in(state["rng"], state["step"])
   (loss, (loss_state, terms)), grads = jax.value_and_grad(
-      functools.partial(objective, model=model, cfg=cfg), has_aux=True)(
-          state["params"], batch, state["loss_state"], key)
+      functools.partial(objective, model=model, cfg=cfg, ema_params=state.get("ema_params")),
+      has_aux=True)(state["params"], batch, state["loss_state"], key)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  return ({"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-           "opt_state": opt_state, "loss_state": loss_state, "rng": state["rng"]},
-          {"loss": loss, **terms})
+  params = optax.apply_updates(state["params"], updates)
+  new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+         "loss_state": loss_state, "rng": state["rng"]}
+  if "ema_params" in state:
+    new["ema_params"] = ema_update(state["ema_params"], params, cfg.momentum)
+  return new, {"loss": loss, **terms}
 
 
 def sample_batch(data: dict, step: int, batch_size: int, seed: int) -> dict:
@@ -168,10 +270,11 @@ def embed_all(model, params, images, tokens, batch_size: int = 500) -> dict:
   f, img, txt = [], [], []
   for i in range(0, len(images), batch_size):
     feats, z, _ = enc_img(images[i:i + batch_size])
-    f.append(np.asarray(feats))
+    f.append(np.asarray(feats[:, 0] if feats.ndim == 3 else feats))  # albef: [CLS] token
     img.append(np.asarray(z))
   for i in range(0, len(tokens), batch_size):
-    txt.append(np.asarray(enc_txt(tokens[i:i + batch_size])[0]))
+    out = enc_txt(tokens[i:i + batch_size])
+    txt.append(np.asarray(out[0] if len(out) == 2 else out[1]))  # albef: (seq, txt, ind)
   return {"features": np.concatenate(f), "img": np.concatenate(img), "txt": np.concatenate(txt)}
 
 
@@ -198,4 +301,76 @@ def evaluate_clip(model, params, train: dict, test: dict, tokenizer) -> dict:
       "position_from_img": probe(tr["img"], train["position"], e["img"], test["position"]),
       "writer_from_txt": probe(tr["txt"], train["writer"], te_txt, test["writer"]),
       "digit_from_img": probe(tr["img"], train["label"], e["img"], test["label"])}
+  return out
+
+
+def fused_features(model, params, images, tokens, batch_size: int = 500) -> np.ndarray:
+  """[CLS] of the fusion encoder for pairs (images [N, ...], tokens [N, L]) -> [N, W]."""
+
+  @jax.jit
+  def f(x, t):
+    image_tokens = model.apply(params, x, method=model.encode_image)[0]
+    seq = model.apply(params, t, method=model.encode_text)[0]
+    return model.apply(params, image_tokens, seq, t, method=model.fuse)[:, 0]
+
+  return np.concatenate([np.asarray(f(images[i:i + batch_size], tokens[i:i + batch_size]))
+                         for i in range(0, len(images), batch_size)])
+
+
+def fusion_tasks(data: dict, tokenizer, seed: int) -> dict:
+  """Pairs for the fusion tasks of one split: itm (own vs another image's caption),
+  qa (every image x every question kind) and entailment (every image x 3 labels)."""
+  rng = np.random.default_rng(seed)
+  n = len(data["image"])
+  attrs = [{k: int(data[k][i]) for k in ("thickness", "slant", "colour", "position", "writer")}
+           | {"digit": int(data["label"][i])} for i in range(n)]
+  other = (np.arange(n) + rng.integers(1, n, n)) % n
+  itm = {"image": np.concatenate([np.arange(n), np.arange(n)]),
+         "tokens": np.concatenate([data["captions"][:, 0], data["captions"][other, 0]]),
+         "label": np.concatenate([np.ones(n, np.int32), np.zeros(n, np.int32)])}
+  qa = {}
+  for kind in captions.QUESTIONS:
+    q, answers = zip(*(captions.question_answer(kind, a) for a in attrs))
+    qa[kind] = {"tokens": np.stack([tokenizer.encode(x, strict=True) for x in q]),
+                "label": np.array(answers, np.int32)}
+  labels = np.tile(np.arange(len(captions.ENTAILMENT)), n)
+  image = np.repeat(np.arange(n), len(captions.ENTAILMENT))
+  entail = {"image": image, "label": labels.astype(np.int32), "tokens": np.stack([
+      tokenizer.encode(captions.hypothesis(attrs[i], l, rng), strict=True)
+      for i, l in zip(image, labels)])}
+  return {"itm": itm, "qa": qa, "entailment": entail}
+
+
+def evaluate_fusion(model, params, train: dict, test: dict, tokenizer,
+                    limit: int = 2000) -> dict:
+  """Fusion tasks of the ALBEF-style model: ITM accuracy of its matching head, and QA /
+  entailment accuracy of linear probes on the frozen fused [CLS] (fit on `limit` train
+  images, scored on the test split)."""
+  tr = {k: v[:limit] for k, v in train.items()}
+  tasks = {"train": fusion_tasks(tr, tokenizer, 1), "test": fusion_tasks(test, tokenizer, 2)}
+  t = tasks["test"]["itm"]
+
+  @jax.jit
+  def itm_logits(x, tok):
+    image_tokens = model.apply(params, x, method=model.encode_image)[0]
+    seq = model.apply(params, tok, method=model.encode_text)[0]
+    return model.apply(params, model.apply(params, image_tokens, seq, tok, method=model.fuse),
+                       method=model.itm)
+
+  pred = np.concatenate([np.argmax(np.asarray(itm_logits(test["image"][t["image"][i:i + 500]],
+                                                         t["tokens"][i:i + 500])), -1)
+                         for i in range(0, len(t["label"]), 500)])
+  out = {"itm_accuracy": float(np.mean(pred == t["label"]))}
+  def probe(pairs_tr, pairs_te, num_classes):
+    feats = lambda data, pairs: fused_features(
+        model, params, data["image"][pairs.get("image", np.arange(len(data["image"])))],
+        pairs["tokens"])
+    return evaluate.linear_probe(feats(tr, pairs_tr), pairs_tr["label"], feats(test, pairs_te),
+                                 pairs_te["label"], num_classes=num_classes)["top1"]
+
+  qa = {kind: probe(tasks["train"]["qa"][kind], tasks["test"]["qa"][kind], len(captions.ANSWERS))
+        for kind in captions.QUESTIONS}
+  out["qa"] = {**qa, "mean": float(np.mean(list(qa.values())))}
+  out["entailment_accuracy"] = probe(tasks["train"]["entailment"], tasks["test"]["entailment"],
+                                     len(captions.ENTAILMENT))
   return out

@@ -59,7 +59,7 @@ def test_sample_batch_pairs_two_different_captions_of_one_image():
 def test_a_few_steps_lower_the_loss(itc, weights):
   data, tok = fake_data()
   cfg = mm.get_config()
-  cfg.update(dict(itc=itc, num_steps=60, batch_size=32, learning_rate=3e-3))
+  cfg.update(dict(itc=itc, num_steps=100, batch_size=32, learning_rate=3e-3))
   cfg.weights.update(weights)
   model, params, history = mm.train(cfg, data, len(tok), log_every=10)
   assert all(np.isfinite(h["loss"]) for h in history)
@@ -71,7 +71,7 @@ def test_a_few_steps_lower_the_loss(itc, weights):
     out = model.apply(p, batch["image"], batch["tokens"])
     return float(mm.L.clip_loss(out["img"], out["txt"], temperature=0.1))
 
-  assert clip(params) < clip(init) - 0.2, (clip(init), clip(params))
+  assert clip(params) < clip(init) - 1.0, (clip(init), clip(params))
 
 
 def test_unknown_itc_is_a_clear_error():
@@ -80,3 +80,70 @@ def test_unknown_itc_is_a_clear_error():
   cfg.itc, cfg.num_steps = "nope", 1
   with pytest.raises(ValueError, match="unknown itc 'nope'"):
     mm.train(cfg, data, len(tok))
+
+
+def test_fusion_forward_shapes():
+  data, tok = fake_data()
+  cfg = mm.get_config()
+  cfg.framework, cfg.weights.sep = "albef", 1.0
+  model = mm.build(cfg, len(tok))
+  state = mm.init(cfg, model, mm.optax.adamw(1e-3), 64, (8, 8, 3))
+  batch = mm.sample_batch(data, 0, 16, 0)
+  out = model.apply(state["params"], batch["image"], batch["tokens"])
+  for k in ("img", "txt", "img_ind", "txt_ind"):
+    assert out[k].shape == (16, cfg.proj_dim), k
+  assert out["itm"].shape == (16, 2)
+  assert out["mlm"].shape == (16, captions.MAX_LEN, len(tok))
+  image_tokens = model.apply(state["params"], batch["image"], method=model.encode_image)[0]
+  assert image_tokens.shape == (16, 1 + 1, cfg.text_width)  # [CLS] + one 8x8 patch
+
+
+def test_hard_negatives_never_pick_a_positive():
+  key = jax.random.key(0)
+  for trial in range(20):
+    k1, k2, key = jax.random.split(key, 3)
+    b = 12
+    sim = 5.0 * jax.random.normal(k1, (b, b)) + 100.0 * jnp.eye(b)  # positives most similar
+    same = jnp.eye(b, dtype=bool) | (jax.random.uniform(k2, (b, b)) < 0.3)
+    same = same | same.T
+    picks = np.asarray(mm.hard_negatives(jax.random.fold_in(key, trial), sim, same))
+    assert not np.asarray(same)[np.arange(b), picks].any()
+  # Hard: with one clearly most similar negative, it is picked most often.
+  sim = jnp.zeros((4, 4)).at[0, 2].set(5.0)
+  picks = jax.vmap(lambda k: mm.hard_negatives(k, sim, jnp.eye(4, dtype=bool)))(
+      jax.random.split(jax.random.key(1), 500))
+  assert np.mean(np.asarray(picks)[:, 0] == 2) > 0.9
+
+
+def test_mask_tokens_masks_words_only_and_at_least_one():
+  data, _ = fake_data()
+  tokens = jnp.asarray(data["captions"][:, 0])
+  masked, targets = mm.mask_tokens(jax.random.key(0), tokens, 0.15)
+  targets = np.asarray(targets)
+  assert targets.any(1).all()
+  assert (np.asarray(tokens)[targets] > captions.MASK).all()  # never [CLS] or [PAD]
+  np.testing.assert_array_equal(np.asarray(masked)[targets], captions.MASK)
+  np.testing.assert_array_equal(np.asarray(masked)[~targets], np.asarray(tokens)[~targets])
+  words = np.asarray(tokens) > captions.MASK
+  assert 0.1 < targets.sum() / words.sum() < 0.35
+
+
+def test_momentum_encoder_update():
+  rng = np.random.default_rng(0)
+  ema = {"a": rng.normal(size=(3, 2)), "b": {"c": rng.normal(size=4)}}
+  params = jax.tree.map(lambda x: x + 1.0, ema)
+  new = mm.ema_update(ema, params, 0.9)
+  for e, p, n in zip(jax.tree.leaves(ema), jax.tree.leaves(params), jax.tree.leaves(new)):
+    np.testing.assert_allclose(n, 0.9 * e + 0.1 * p, rtol=1e-6)
+
+
+def test_fusion_a_few_steps_lower_its_losses():
+  data, tok = fake_data()
+  cfg = mm.get_config()
+  cfg.update(dict(framework="albef", itc="l_con", num_steps=40, batch_size=32,
+                  learning_rate=3e-3, momentum=0.9))
+  cfg.weights.update(dict(br=0.5))
+  model, params, history = mm.train(cfg, data, len(tok), log_every=5)
+  first, last = history[0], history[-1]
+  assert last["mlm"] < first["mlm"] and last["itc"] < first["itc"], (first, last)
+  assert all(np.isfinite(h["loss"]) for h in history)

@@ -148,7 +148,8 @@ class CaptionedDigits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   The tokenizer is saved in the dataset's metadata (`tokenizer(builder)`).
   """
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "Vocabulary covers the fusion tasks' questions and hypotheses."}
 
   def _info(self):
     attrs = {k: tfds.features.ClassLabel(names=list(v))

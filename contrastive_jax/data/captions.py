@@ -45,6 +45,18 @@ TEMPLATES = (
     "a {digit} drawn by a {writer}",
 )
 PROMPTS = ("a {digit}", "the digit {digit}", "a photo of a {digit}")  # zero-shot templates
+# Fusion tasks. Questions: answered from image + question (the small analogue of VQA).
+QUESTIONS = {"digit": "which digit is it", "colour": "what colour is the digit",
+             "thickness": "how thick are the strokes", "position": "where is the digit placed",
+             "slant": "which way does it lean"}
+ANSWERS = tuple(DIGITS) + tuple(sorted({v for k in QUESTIONS if k != "digit"
+                                        for v in ATTRIBUTES[k]}))
+# Entailment hypotheses about the image: "entailed" (all true), "contradicted" (one
+# attribute false), "neutral" (true, plus the writer, which no image shows).
+HYPOTHESES = ("a {colour} {digit}", "a {digit} with {thickness} strokes",
+              "the digit {digit} leaning {slant}")
+NEUTRAL_SUFFIX = " drawn by a {writer}"
+ENTAILMENT = ("entailed", "contradicted", "neutral")
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 PAD, UNK, CLS, SEP, MASK = range(len(SPECIALS))
 
@@ -53,7 +65,7 @@ def _grammar_words() -> list[str]:
   words = set(DIGITS)
   for values in ATTRIBUTES.values():
     words.update(values)
-  for t in TEMPLATES + PROMPTS:
+  for t in TEMPLATES + PROMPTS + tuple(QUESTIONS.values()) + HYPOTHESES + (NEUTRAL_SUFFIX,):
     words.update(w for w in t.split() if not w.startswith("{"))
   return sorted(words)
 
@@ -150,3 +162,25 @@ def generate(images: np.ndarray, labels: np.ndarray, seed: int, tokenizer: Token
     tokens = np.stack([tokenizer.encode(caption(TEMPLATES[t], attrs), strict=True)
                        for t in chosen])
     yield render(images[i], attrs["colour"], attrs["position"]), tokens, attrs
+
+
+def question_answer(kind: str, attrs: dict) -> tuple[str, int]:
+  """(question text, answer index into ANSWERS) about one attribute of an example."""
+  value = DIGITS[attrs["digit"]] if kind == "digit" else ATTRIBUTES[kind][attrs[kind]]
+  return QUESTIONS[kind], ANSWERS.index(value)
+
+
+def hypothesis(attrs: dict, label: int, rng: np.random.Generator) -> str:
+  """A hypothesis about the image with entailment label (index into ENTAILMENT)."""
+  template = HYPOTHESES[rng.integers(len(HYPOTHESES))]
+  a = dict(attrs)
+  if ENTAILMENT[label] == "contradicted":  # change one mentioned attribute to a wrong value
+    slots = [k for k in ("digit", "colour", "thickness", "slant") if "{" + k + "}" in template]
+    k = slots[rng.integers(len(slots))]
+    n = 10 if k == "digit" else 3
+    a[k] = (a[k] + rng.integers(1, n)) % n
+  elif ENTAILMENT[label] == "neutral":
+    template += NEUTRAL_SUFFIX
+  values = {"digit": DIGITS[a["digit"]],
+            **{k: ATTRIBUTES[k][a[k]] for k in ("thickness", "slant", "colour", "writer")}}
+  return template.format(**values)
