@@ -68,7 +68,8 @@ def device_env(slot: int, devices_per_run: int) -> dict:
 def run_one(cfg: dict, out: str, threads: int, slots=None, devices_per_run: int = 1) -> dict:
   """Trains one configuration to completion (or resumes it) on a free device slice;
   returns its CSV row."""
-  workdir = os.path.join(out, "runs", run_name(cfg["loss"], cfg["batch_size"], cfg["seed"]))
+  label = cfg["loss"] + cfg.get("tag", "")
+  workdir = os.path.join(out, "runs", run_name(label, cfg["batch_size"], cfg["seed"]))
   row_path = os.path.join(workdir, "row.json")
   if os.path.exists(row_path):
     with open(row_path) as f:
@@ -81,7 +82,8 @@ def run_one(cfg: dict, out: str, threads: int, slots=None, devices_per_run: int 
          f"--config.seed={cfg['seed']}", f"--config.num_steps={num_steps}",
          f"--config.warmup_steps={max(1, num_steps // 20)}",
          f"--config.checkpoint_every={max(1, num_steps // 4)}", "--config.progress=False",
-         "--config.eval_at_init=False", f"--config.data_threads={threads}"]
+         "--config.eval_at_init=False", f"--config.data_threads={threads}",
+         *cfg.get("overrides", [])]
   slot = slots.get() if slots else 0
   try:
     env = dict(os.environ, PYTHONPATH=ROOT, **device_env(slot, devices_per_run))
@@ -104,7 +106,7 @@ def run_one(cfg: dict, out: str, threads: int, slots=None, devices_per_run: int 
     rates = [r["examples_per_s"] for r in map(json.loads, f) if r.get("phase") == "train"]
   peak = [json.loads(l.split(" ", 1)[1]) for l in proc.stdout.splitlines()
           if l.startswith("PEAK ")][-1]
-  row = {"dataset": cfg["dataset"], "loss": cfg["loss"], "batch_size": cfg["batch_size"],
+  row = {"dataset": cfg["dataset"], "loss": label, "batch_size": cfg["batch_size"],
          "seed": cfg["seed"], "epochs": cfg["epochs"], "num_steps": num_steps,
          "knn_top1": final["knn_top1"], "linear_top1": final.get("linear_top1"),
          "effective_rank": final["effective_rank"],
@@ -202,6 +204,10 @@ def main():
   parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                       help="configurations run in parallel (one process each)")
   parser.add_argument("--threads", type=int, default=1, help="data/XLA threads per run")
+  parser.add_argument("--tag", default="", help="suffix of the loss name in results, e.g. "
+                      "_shape4 with --override=--config.gamma.shape=4")
+  parser.add_argument("--override", action="append", default=[],
+                      help="extra trainer flag for every run (repeatable)")
   parser.add_argument("--devices_per_run", type=int, default=1,
                       help="devices of each run's slice (GPUs listed in ABLATION_GPUS are "
                            "split into --workers slices; on CPU: simulated devices)")
@@ -217,9 +223,9 @@ def main():
   from contrastive_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   train_size = len(pipeline.get_source(dataset, "train"))  # also prepares the dataset once
   grid = [dict(dataset=dataset, config=args.config, loss=l, batch_size=b, seed=s, epochs=epochs,
-               train_size=train_size)
+               train_size=train_size, tag=args.tag, overrides=args.override)
           for s, b, l in itertools.product(range(seeds), batches, args.losses.split(","))]
-  with open(os.path.join(args.out, "sweep.json"), "w") as f:
+  with open(os.path.join(args.out, f"sweep{args.tag}.json"), "w") as f:  # per invocation
     json.dump({"args": vars(args), "grid": grid}, f, indent=2)
 
   rows, t0 = [], time.perf_counter()
@@ -234,7 +240,7 @@ def main():
       c = futures[fut]
       row = fut.result()
       rows.append(row)
-      print(f"[{i}/{len(grid)} {time.perf_counter() - t0:6.0f}s] {c['loss']:>8} b={c['batch_size']:<4}"
+      print(f"[{i}/{len(grid)} {time.perf_counter() - t0:6.0f}s] {row['loss']:>8} b={c['batch_size']:<4}"
             f" seed {c['seed']}: kNN {100 * row['knn_top1']:.2f} linear "
             f"{100 * (row['linear_top1'] or 0):.2f} {row['examples_per_s']:.0f} ex/s "
             f"{row['peak_rss_mb']:.0f} MiB", flush=True)
@@ -245,7 +251,16 @@ def main():
     pool.shutdown(wait=True, cancel_futures=True)
     sys.exit(130)
   pool.shutdown()
-  summarise(rows, args.out)
+  # Tables over every finished run in --out (earlier sweeps with other --losses/--tag too).
+  every = []
+  for name in sorted(os.listdir(os.path.join(args.out, "runs"))):
+    path = os.path.join(args.out, "runs", name, "row.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        r = json.load(f)
+      if r["dataset"] == dataset and r["epochs"] == epochs:
+        every.append(r)
+  summarise(every, args.out)
   print(open(os.path.join(args.out, "table.md")).read())
   print(open(os.path.join(args.out, "claims.md")).read())
 
