@@ -11,7 +11,8 @@ Two frameworks (cfg.framework):
 
 ITC is any contrastive loss of the library between image and text embeddings
 ("clip" with the learnable temperature, "l_con" the 4-term form with augmented
-views, "gamma_clip"); L_align = mean ||img - txt||^2 of normalised pairs is the
+views, "gamma_clip", "sigmoid", and the two-view losses nt_xent / dcl / sogclr /
+gamma with image and text as the views); L_align = mean ||img - txt||^2 of normalised pairs is the
 explicit alignment of the theory check (forcing the modalities together). The
 augmented image is the image with pixel noise and brightness jitter (placement
 is kept: it is an image-only attribute); the augmented text is another caption
@@ -50,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
   # gamma_clip's running-denominator weight: each example's entry is refreshed once an
   # epoch, so a small weight leaves it stale (measured: 0.01 barely trains here).
   c.gamma_rate = 0.5
+  c.sigmoid_bias = -5.0  # fixed (SigLIP learns it from -10); -10 trains slowly at this scale
   c.weights = ml_collections.ConfigDict(dict(sep=0.0, br=0.0, gc=0.0, align=0.0))
   c.bridge_t = 0.25
   c.image_model = "mlp"
@@ -68,7 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   return c
 
 
-ITC = ("clip", "l_con", "gamma_clip")
+ITC = ("clip", "l_con", "gamma_clip", "sigmoid", "nt_xent", "dcl", "sogclr", "gamma")
 FRAMEWORKS = ("clip", "albef")
 
 
@@ -104,13 +106,27 @@ def augment_images(key: jax.Array, images: jax.Array, noise_std: float) -> jax.A
 def _contrastive_terms(emb: dict, aug: dict, t, loss_state, index, key, cfg):
   """ITC and the weighted regularisers from online (emb) and augmented (aug) embeddings."""
   img, txt = emb["img"], emb["txt"]
+  # The two-view losses (nt_xent, dcl, sogclr, gamma) take image and text as the two views,
+  # so their negatives include other examples of the same modality (identical captions of
+  # different images are then false negatives: prefer clip / l_con / gamma_clip for captions).
   if cfg.itc == "clip":
     itc = L.clip_loss(img, txt, temperature=t)
   elif cfg.itc == "l_con":
     itc = L.modality_contrastive_loss(img, txt, aug["img"], aug["txt"], temperature=t)
-  else:
+  elif cfg.itc == "gamma_clip":
     itc, loss_state = L.gamma_clip_loss(img, txt, loss_state, index, key,
                                         temperature=cfg.temperature, rate_decay=cfg.gamma_rate)
+  elif cfg.itc == "sigmoid":
+    itc = L.sigmoid_loss(img, txt, temperature=t, bias=cfg.sigmoid_bias)
+  elif cfg.itc == "nt_xent":
+    itc = L.nt_xent(img, txt, temperature=t)
+  elif cfg.itc == "dcl":
+    itc = L.dcl_loss(img, txt, temperature=t)
+  elif cfg.itc == "sogclr":
+    itc, loss_state = L.sogclr_loss(img, txt, loss_state, index, temperature=cfg.temperature)
+  else:
+    itc, loss_state = L.gamma_loss(img, txt, loss_state, index, key,
+                                   temperature=cfg.temperature, rate_decay=cfg.gamma_rate)
   w = cfg.weights
   terms = {"itc": itc}
   if w.sep > 0:
@@ -213,7 +229,8 @@ def init(cfg, model, tx, num_examples: int, image_shape, second=None) -> dict:
   key = jax.random.PRNGKey(cfg.seed)
   second = np.full((captions.MAX_LEN,), captions.CLS, np.int32) if second is None else second
   params = model.init(key, jnp.zeros((1,) + tuple(image_shape)), jnp.asarray(second)[None])
-  loss_state = L.init_gamma_state(num_examples) if cfg.itc == "gamma_clip" else {}
+  loss_state = {"gamma_clip": L.init_gamma_state, "gamma": L.init_gamma_state,
+                "sogclr": L.init_sogclr_state}.get(cfg.itc, lambda n: {})(num_examples)
   state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params),
            "loss_state": loss_state, "rng": jax.random.fold_in(key, 1)}
   if cfg.framework == "albef":

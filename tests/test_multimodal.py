@@ -53,10 +53,15 @@ def test_sample_batch_pairs_two_different_captions_of_one_image():
   np.testing.assert_array_equal(mm.sample_batch(data, 3, 32, 0)["index"], b["index"])
 
 
-@pytest.mark.parametrize("itc, weights", [
-    ("clip", {}), ("clip", dict(sep=0.5, br=0.5, gc=0.05)), ("l_con", dict(br=1.0)),
-    ("gamma_clip", dict(gc=0.05))])
-def test_a_few_steps_lower_the_loss(itc, weights):
+# Cross-modal losses are judged on CLIP's InfoNCE; the two-view losses (image and text as
+# the two views) on the two-view InfoNCE, which has in-modal negatives: identical captions of
+# different images make it stall near 4 here, whatever the loss.
+@pytest.mark.parametrize("itc, weights, drop", [
+    ("clip", {}, 1.0), ("clip", dict(sep=0.5, br=0.5, gc=0.05), 1.0), ("l_con", dict(br=1.0), 1.0),
+    ("gamma_clip", dict(gc=0.05), 1.0), ("nt_xent", {}, 5.0), ("sogclr", {}, 5.0),
+    ("gamma", {}, 5.0),
+    ("sigmoid", {}, 0.5)])  # pairwise sigmoid: a different objective, slower on InfoNCE
+def test_a_few_steps_lower_the_loss(itc, weights, drop):
   data, tok = fake_data()
   cfg = mm.get_config()
   cfg.update(dict(itc=itc, num_steps=100, batch_size=32, learning_rate=3e-3))
@@ -67,11 +72,15 @@ def test_a_few_steps_lower_the_loss(itc, weights):
   batch = mm.sample_batch(data, 10_000, 32, 1)
   init = mm.init(cfg, model, mm.optax.adamw(1e-3), 64, (8, 8, 3))["params"]
 
+  two_view = itc in ("nt_xent", "sogclr", "gamma")
+
   def clip(p):
     out = model.apply(p, batch["image"], batch["tokens"])
+    if two_view:
+      return float(mm.L.nt_xent(out["img"], out["txt"], temperature=0.1))
     return float(mm.L.clip_loss(out["img"], out["txt"], temperature=0.1))
 
-  assert clip(params) < clip(init) - 1.0, (clip(init), clip(params))
+  assert clip(params) < clip(init) - drop, (clip(init), clip(params))
 
 
 def test_unknown_itc_is_a_clear_error():
