@@ -297,7 +297,8 @@ def train(cfg, data: dict, vocab_size: int, log_every: int = 0):
 
 
 def embed_all(model, params, images, tokens, batch_size: int = 500) -> dict:
-  """Embeddings of images [N, ...] and token rows [M, L] in batches."""
+  """Embeddings of images [N, ...] and second-modality rows [M, ...] in batches:
+  {"features": image encoder features, "img", "txt": embeddings}."""
   enc_img = jax.jit(lambda x: model.apply(params, x, method=model.encode_image))
   enc_txt = jax.jit(lambda t: model.apply(params, t, method=model.encode_text))
   f, img, txt = [], [], []
@@ -306,8 +307,7 @@ def embed_all(model, params, images, tokens, batch_size: int = 500) -> dict:
     f.append(np.asarray(feats[:, 0] if feats.ndim == 3 else feats))  # albef: [CLS] token
     img.append(np.asarray(z))
   for i in range(0, len(tokens), batch_size):
-    out = enc_txt(tokens[i:i + batch_size])
-    txt.append(np.asarray(out[0] if len(out) == 2 else out[1]))  # albef: (seq, txt, ind)
+    txt.append(np.asarray(enc_txt(tokens[i:i + batch_size])[1]))
   return {"features": np.concatenate(f), "img": np.concatenate(img), "txt": np.concatenate(txt)}
 
 

@@ -32,15 +32,24 @@ def test_forward_shapes_and_padding_is_ignored():
     assert out[k].shape == (16, cfg.proj_dim), k
   assert out["image_features"].shape[0] == 16
   np.testing.assert_allclose(out["temperature"], 0.07, rtol=1e-5)  # CLIP's initial value
-  # Changing a padded position changes nothing: attention never reads padding.
+  # Attention never reads padding: perturbing the position embeddings of the padded
+  # positions of the longest caption changes no caption's embedding; perturbing a used
+  # position does (the check can fail).
   tokens = np.array(batch["tokens"])
-  pad = np.argmax(tokens[0] == captions.PAD)
-  tokens2 = tokens.copy()
-  tokens2[0, pad:] = 7
-  tokens2[0, pad:] = np.where(tokens[0, pad:] == captions.PAD, captions.PAD, 7)
-  a = model.apply(state["params"], tokens, method=model.encode_text)[0]
-  b = model.apply(state["params"], tokens2, method=model.encode_text)[0]
-  np.testing.assert_allclose(a, b, rtol=1e-6)
+  first_pad = int(np.min(np.argmax(tokens == captions.PAD, axis=1)[(tokens == captions.PAD).any(1)]))
+  longest = int(np.max(np.sum(tokens != captions.PAD, axis=1)))
+  encode = lambda p: model.apply(p, tokens, method=model.encode_text)[1]
+
+  def perturbed(start):
+    p = jax.tree.map(lambda x: x, state["params"])
+    pos = p["params"]["text_encoder"]["pos"]
+    noise = jax.random.normal(jax.random.key(start), pos[start:].shape)  # not constant: LN
+    p["params"]["text_encoder"]["pos"] = pos.at[start:].add(noise)      # would remove that
+    return p
+
+  np.testing.assert_allclose(encode(perturbed(longest)), encode(state["params"]), rtol=1e-5,
+                             atol=1e-6)
+  assert not np.allclose(encode(perturbed(first_pad - 1)), encode(state["params"]), atol=1e-4)
 
 
 def test_sample_batch_pairs_two_different_captions_of_one_image():

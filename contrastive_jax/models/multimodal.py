@@ -76,6 +76,9 @@ class PatchEncoder(nn.Module):
 class TwoTower(nn.Module):
   """(images [B, H, W, C], tokens [B, L]) -> dict of [B, proj_dim] embeddings.
 
+  encode_image / encode_text: inputs -> (encoder features, embedding, independent
+  embedding or None), the same triple as `Fusion`'s (whose features are sequences).
+
   img, txt: shared (contrastive) embeddings; img_ind, txt_ind: modality-independent
   embeddings from their own heads when `separate`; image_features: the encoder's
   features (linear probe); logit_scale: the learnable 1 / temperature (log).
@@ -99,9 +102,9 @@ class TwoTower(nn.Module):
     f = self.image_encoder(images)
     return f, self.img_proj(f), self.img_ind(f) if self.separate else None
 
-  def encode_text(self, tokens: jax.Array) -> tuple[jax.Array, Optional[jax.Array]]:
+  def encode_text(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
     f = self.text_encoder(tokens)
-    return self.txt_proj(f), self.txt_ind(f) if self.separate else None
+    return f, self.txt_proj(f), self.txt_ind(f) if self.separate else None
 
   def temperature(self) -> jax.Array:
     # CLIP clips the scale at 100 (temperature >= 0.01) for stability.
@@ -109,7 +112,7 @@ class TwoTower(nn.Module):
 
   def __call__(self, images: jax.Array, tokens: jax.Array) -> dict:
     features, img, img_ind = self.encode_image(images)
-    txt, txt_ind = self.encode_text(tokens)
+    _, txt, txt_ind = self.encode_text(tokens)
     out = {"img": img, "txt": txt, "image_features": features,
            "temperature": self.temperature()}
     if self.separate:
