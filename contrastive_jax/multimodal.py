@@ -440,3 +440,15 @@ def load_views(split: str, data_dir: Optional[str] = None,
   return {"image": np.stack([r["image"] for r in records]).astype(np.float32) / 255.0,
           "vectors": ((vec(records) - mean) / std).astype(np.float32),
           "label": np.array([int(r["label"]) for r in records], np.int32)}
+
+
+def load_captioned(split: str, data_dir: Optional[str] = None,
+                   limit: Optional[int] = None) -> dict:
+  """A captioned split as arrays: image float [N, H, W, C] in [0, 1], captions int32
+  [N, K, L], label and every attribute [N]."""
+  from contrastive_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  src = pipeline.get_source("captioned_digits", split, data_dir)
+  records = [src[i] for i in range(len(src) if limit is None else min(limit, len(src)))]
+  d = {k: np.stack([r[k] for r in records]) for k in records[0]}
+  d["image"] = d["image"].astype(np.float32) / 255.0
+  return d

@@ -37,14 +37,16 @@ import tqdm
 
 from contrastive_jax import evaluate
 from contrastive_jax import metrics
+from contrastive_jax import multimodal
 from contrastive_jax import losses as L
 from contrastive_jax.data import augment as aug_lib
+from contrastive_jax.data import builders
 from contrastive_jax.data import pipeline
 from contrastive_jax.models.encoders import get_model
 
 # Config fields that must match to resume from a workdir's checkpoint.
 _RESUME_KEYS = ("dataset", "model", "head_hidden", "proj_dim", "loss", "batch_size", "seed",
-                "optimizer")
+                "optimizer", "multimodal")
 
 
 # ----------------------------------------------------------------------------
@@ -106,21 +108,38 @@ class Setup(NamedTuple):
   """Everything a config determines before training starts."""
   model: Any
   train_src: Any
-  loss_fn: Callable
+  loss_fn: Optional[Callable]  # None for image-text (cfg.multimodal) runs
   tx: optax.GradientTransformation
   schedule: Callable
   init: Callable  # () -> initial train state
+  step: Callable  # mesh -> (state, batch) -> (state, logs)
+  multimodal: Optional[ml_collections.ConfigDict] = None
 
 
 def build(cfg: ml_collections.ConfigDict) -> Setup:
-  """Model, data source, loss, optimiser and state initialiser of cfg (raises on bad names)."""
-  model = get_model(cfg.model, cfg.head_hidden, cfg.proj_dim)
+  """Model, data source, loss, optimiser and state initialiser of cfg (raises on bad names).
+
+  With a `cfg.multimodal` block (see configs/captions_clip.py) the run is image-text
+  training of `contrastive_jax.multimodal` (two-tower or fusion) on a captioned dataset.
+  """
   train_src = pipeline.get_source(cfg.dataset, "train", cfg.data_dir)
-  loss_fn, loss_state = make_loss(cfg, len(train_src))
   tx, schedule = make_optimizer(cfg)
   image_shape = pipeline.to_float(train_src[0]["image"]).shape
+  if cfg.get("multimodal") is not None:
+    mcfg = ml_collections.ConfigDict(cfg.multimodal.to_dict())
+    mcfg.seed = cfg.seed
+    vocab = len(builders.tokenizer(builders.BUILDERS[cfg.dataset](
+        data_dir=cfg.data_dir or pipeline.DEFAULT_DATA_DIR)))
+    model = multimodal.build(mcfg, vocab)
+    init = functools.partial(multimodal.init, mcfg, model, tx, len(train_src), image_shape)
+    step = lambda mesh: functools.partial(multimodal.train_step, model=model, tx=tx, cfg=mcfg)
+    return Setup(model, train_src, None, tx, schedule, init, step, mcfg)
+  model = get_model(cfg.model, cfg.head_hidden, cfg.proj_dim)
+  loss_fn, loss_state = make_loss(cfg, len(train_src))
   init = functools.partial(init_state, cfg, model, tx, loss_state, image_shape)
-  return Setup(model, train_src, loss_fn, tx, schedule, init)
+  step = lambda mesh: functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn,
+                                        mesh=mesh)
+  return Setup(model, train_src, loss_fn, tx, schedule, init, step)
 
 
 def init_state(cfg, model, tx, loss_state, image_shape) -> dict:
@@ -227,10 +246,8 @@ def state_shardings(abstract_state: dict, mesh: jax.sharding.Mesh,
 def make_step(setup: "Setup", mesh: jax.sharding.Mesh, shardings: dict) -> Callable:
   """jit-compiled train_step with the state's shardings and a batch-sharded input."""
   batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
-  return jax.jit(functools.partial(train_step, model=setup.model, tx=setup.tx,
-                                   loss_fn=setup.loss_fn, mesh=mesh),
-                 in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                 donate_argnums=0)
+  return jax.jit(setup.step(mesh), in_shardings=(shardings, batch_sharding),
+                 out_shardings=(shardings, None), donate_argnums=0)
 
 
 def host_params(params, mesh: jax.sharding.Mesh):
@@ -263,7 +280,9 @@ def _check_workdir_config(cfg, workdir) -> None:
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-    diff = {k: (old.get(k), cfg[k]) for k in _RESUME_KEYS if old.get(k) != cfg[k]}
+    plain = lambda v: v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v
+    diff = {k: (old.get(k), plain(cfg.get(k))) for k in _RESUME_KEYS
+            if old.get(k) != plain(cfg.get(k))}
     if diff and os.path.isdir(os.path.join(workdir, "checkpoints")):
       raise ValueError(
           f"workdir {workdir} holds a run with a different config ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}): "
@@ -280,14 +299,26 @@ def _check_workdir_config(cfg, workdir) -> None:
 
 
 def eval_data(cfg, limit=None):
+  if cfg.get("multimodal") is not None:
+    return tuple(multimodal.load_captioned(split, cfg.data_dir, limit)
+                 for split in ("train", cfg.eval_split))
   train_src = pipeline.get_source(cfg.dataset, "train", cfg.data_dir)
   test_src = pipeline.get_source(cfg.dataset, cfg.eval_split, cfg.data_dir)
   return pipeline.load_arrays(train_src, limit), pipeline.load_arrays(test_src, limit)
 
 
 def evaluate_state(cfg, model, params, *, linear: bool = False, data=None) -> dict:
-  """kNN (and optionally linear-probe) top-1 of the encoder features, plus geometry."""
-  (tr_x, tr_y), (te_x, te_y) = data or eval_data(cfg)
+  """kNN (and optionally linear-probe) top-1 of the encoder features, plus geometry;
+  image-text runs: zero-shot, retrieval, probes, gap (and fusion tasks for albef)."""
+  data = data or eval_data(cfg)
+  if cfg.get("multimodal") is not None:
+    tok = builders.tokenizer(builders.BUILDERS[cfg.dataset](
+        data_dir=cfg.data_dir or pipeline.DEFAULT_DATA_DIR))
+    out = multimodal.evaluate_clip(model, params, *data, tok)
+    if cfg.multimodal.framework == "albef" and linear:
+      out["fusion"] = multimodal.evaluate_fusion(model, params, *data, tok)
+    return out
+  (tr_x, tr_y), (te_x, te_y) = data
   features = jax.jit(lambda x: model.apply(params, x)[0])
   tr_f, te_f = evaluate.embed(features, tr_x), evaluate.embed(features, te_x)
   n_cls = int(max(tr_y.max(), te_y.max()) + 1)
@@ -383,7 +414,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
         break
       local = next(batches)
       batch = {k: jax.make_array_from_process_local_data(data_sharding, local[k])
-               for k in ("view1", "view2", "index")}
+               for k in local if k != "label"}
       state, logs = step_fn(state, batch)
       done = step + 1
       if done % cfg.log_every == 0 or done == cfg.num_steps:

@@ -31,14 +31,6 @@ FRAMEWORKS = {"clip": "clip", "albef": "l_con", "mfeat": "clip"}
 ALIGN_WEIGHTS = (0.0, 1.0, 10.0, 100.0)
 
 
-def load(split, data_dir=None):
-  src = pipeline.get_source("captioned_digits", split, data_dir)
-  records = [src[i] for i in range(len(src))]
-  d = {k: np.stack([r[k] for r in records]) for k in records[0]}
-  d["image"] = d["image"].astype(np.float32) / 255.0
-  return d
-
-
 def flat(result, prefix=""):
   out = {}
   for k, v in result.items():
@@ -61,7 +53,7 @@ def main():
   steps = args.steps or (200 if args.quick else 1000)
   limit = 1000 if args.quick else None
   os.makedirs(args.out, exist_ok=True)
-  train, test = load("train"), load("test")
+  train, test = mm.load_captioned("train"), mm.load_captioned("test")
   tok = builders.tokenizer(builders.CaptionedDigits(data_dir=pipeline.DEFAULT_DATA_DIR))
 
   runs_path = os.path.join(args.out, "runs.jsonl")

@@ -185,3 +185,54 @@ def test_two_view_vectors_train_and_albef_refuses_them():
   cfg.framework = "albef"
   with pytest.raises(ValueError, match="needs a tokenized"):
     mm.train(cfg, data, 0)
+
+
+# The trainer path: same checkpoints, sharding and data pipeline as image pretraining.
+
+def trainer_config(data_dir, **overrides):
+  from configs import captions_clip  # pylint: disable=g-import-not-at-top
+  cfg = captions_clip.get_config()
+  cfg.update(dict(data_dir=data_dir, batch_size=32, num_steps=8, log_every=2,
+                  checkpoint_every=100, eval_at_init=False, final_linear_probe=False,
+                  progress=False, eval_limit=200, warmup_steps=2))
+  cfg.multimodal.update(dict(text_depth=1, text_width=32, proj_dim=32))
+  cfg.update(overrides)
+  return cfg
+
+
+@pytest.mark.parametrize("framework", ["albef"])  # the superset (momentum encoders, fusion)
+def test_trainer_image_text_resume_and_devices(framework, tmp_path):
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from contrastive_jax import train  # pylint: disable=g-import-not-at-top
+  from contrastive_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  cfg = trainer_config(str(tmp_path / "tfds"))
+  cfg.multimodal.framework = framework
+  cfg.multimodal.itc = "l_con" if framework == "albef" else "clip"
+  cfg.multimodal.weights.update(dict(br=0.5, sep=0.1))
+  # 1 device vs 8: the same step (GSPMD partitions the whole objective).
+  losses = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = train.make_mesh(cfg, devices)
+    setup = train.build(cfg)
+    shardings = train.state_shardings(jax.eval_shape(setup.init), mesh)
+    state = jax.jit(setup.init, out_shardings=shardings)()
+    step = train.make_step(setup, mesh, shardings)
+    ds = pipeline.train_dataset(setup.train_src, batch_size=32, seed=0)
+    dat = NamedSharding(mesh, P(train.BATCH_AXES))
+    for k in range(2):
+      batch = {key: jax.device_put(v, dat) for key, v in ds[k].items() if key != "label"}
+      state, logs = step(state, batch)
+    losses.append(float(logs["loss"]))
+  np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
+  # Interrupted and resumed == uninterrupted, and the final evaluation is image-text.
+  full = train.train_and_evaluate(cfg, str(tmp_path / "full"))
+  assert train.train_and_evaluate(cfg, str(tmp_path / "resumed"), stop_at=3)["preempted"]
+  resumed = train.train_and_evaluate(cfg, str(tmp_path / "resumed"))
+  assert set(full) >= {"zero_shot", "retrieval", "linear_probe", "modality_gap"}
+  assert full["zero_shot"] == resumed["zero_shot"]
+  _, a, _ = train.restore_for_eval(str(tmp_path / "full"))
+  _, b, _ = train.restore_for_eval(str(tmp_path / "resumed"))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  if framework == "albef":
+    assert "ema_params" in a

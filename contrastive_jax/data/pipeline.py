@@ -84,6 +84,21 @@ class TwoViews(grain.transforms.RandomMap):
             "label": np.int32(record["label"]), "index": np.int32(index)}
 
 
+@dataclasses.dataclass(frozen=True)
+class CaptionPair(grain.transforms.RandomMap):
+  """Record index -> {"image": float32 [H, W, C], "tokens", "tokens_aug": two different
+  captions of it, int32 [L], "label", "index"} (the image is augmented on device)."""
+  source: object
+
+  def random_map(self, index, rng: np.random.Generator):
+    record = self.source[int(index)]
+    caps = record["captions"]
+    c1 = rng.integers(len(caps))
+    c2 = (c1 + rng.integers(1, len(caps))) % len(caps)
+    return {"image": to_float(record["image"]), "tokens": caps[c1], "tokens_aug": caps[c2],
+            "label": np.int32(record["label"]), "index": np.int32(index)}
+
+
 def train_dataset(source, *, batch_size: int, seed: int,
                   augment: aug_lib.AugmentConfig = aug_lib.AugmentConfig(),
                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
@@ -101,15 +116,18 @@ def train_dataset(source, *, batch_size: int, seed: int,
     process_index, process_count: this process's slice of every global batch.
   Returns:
     MapDataset whose element k is this process's part of global batch k:
-    view1, view2 [b, H, W, C], label, index [b].
+    view1, view2 [b, H, W, C], label, index [b]; for captioned records image
+    [b, H, W, C], tokens, tokens_aug [b, L], label, index [b].
   """
   if batch_size > len(source):
     raise ValueError(f"batch_size {batch_size} exceeds the {len(source)} training examples: "
                      "lower --config.batch_size")
   if batch_size % process_count:
     raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
+  # Captioned records give (image, two captions); image records two augmented views.
+  pair = CaptionPair(source) if "captions" in source[0] else TwoViews(source, augment)
   examples = (grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
-              .random_map(TwoViews(source, augment), seed=seed))
+              .random_map(pair, seed=seed))
   # Consecutive chunks of b examples; chunk k n + p is process p's part of global batch k.
   local = examples.batch(batch_size // process_count, drop_remainder=True)
   return local[process_index::process_count]
