@@ -9,8 +9,10 @@ parallel) or sharded over "fsdp" (FSDP: GSPMD gathers them where the model needs
 them). The model runs under plain jit; the loss runs in `shard_map` over both
 axes, so global-negative losses gather keys and the gamma loss keeps its
 negatives local. Multi-process (multi-host) runs call `jax.distributed.initialize`
-first (cfg.distributed); each process feeds its slice of every global batch. Batch k is a pure function of (seed, k), so
-a run resumed from a checkpoint at step k continues exactly as if never stopped.
+first (cfg.distributed); each process feeds its slice of every global batch.
+Batch k is a pure function of (seed, k), so a run resumed from a checkpoint at
+step k continues exactly as if never stopped. With a `cfg.multimodal` block the
+same loop trains the image-text models of `contrastive_jax.multimodal`.
 SIGTERM (or Ctrl-C) saves a checkpoint and exits cleanly.
 """
 
@@ -113,7 +115,6 @@ class Setup(NamedTuple):
   schedule: Callable
   init: Callable  # () -> initial train state
   step: Callable  # mesh -> (state, batch) -> (state, logs)
-  multimodal: Optional[ml_collections.ConfigDict] = None
 
 
 def build(cfg: ml_collections.ConfigDict) -> Setup:
@@ -133,7 +134,7 @@ def build(cfg: ml_collections.ConfigDict) -> Setup:
     model = multimodal.build(mcfg, vocab)
     init = functools.partial(multimodal.init, mcfg, model, tx, len(train_src), image_shape)
     step = lambda mesh: functools.partial(multimodal.train_step, model=model, tx=tx, cfg=mcfg)
-    return Setup(model, train_src, None, tx, schedule, init, step, mcfg)
+    return Setup(model, train_src, None, tx, schedule, init, step)
   model = get_model(cfg.model, cfg.head_hidden, cfg.proj_dim)
   loss_fn, loss_state = make_loss(cfg, len(train_src))
   init = functools.partial(init_state, cfg, model, tx, loss_state, image_shape)
