@@ -49,6 +49,8 @@ def main():
   parser.add_argument("--out", default="results/modality_structures")
   parser.add_argument("--quick", action="store_true",
                       help="1 seed, 200 (clip) / 100 (albef) steps, probes on 1000 examples")
+  parser.add_argument("--only", default=None,
+                      help="comma list of parts to run: clip, albef, mfeat, align, sweep")
   parser.add_argument("--seeds", type=int, default=None)
   parser.add_argument("--steps", type=int, default=None, help="two-tower steps (albef: half)")
   args = parser.parse_args()
@@ -74,6 +76,10 @@ def main():
     plan += [("clip", f"{reg}={w:g}", {reg: w}, 0) for reg, ws in WEIGHT_SWEEP.items()
              for w in ws]
   views = {"train": mm.load_views("train"), "test": mm.load_views("test")}
+  if args.only:
+    part = lambda fw, name: ("align" if name.startswith("align=") else
+                             "sweep" if "=" in name else fw)
+    plan = [p for p in plan if part(p[0], p[1]) in args.only.split(",")]
   t0 = time.perf_counter()
   for i, (fw, name, weights, seed) in enumerate(plan, 1):
     n_steps = steps // 2 if fw == "albef" else steps
