@@ -223,7 +223,9 @@ def test_trainer_fusion_step_same_on_one_and_eight_devices(tmp_path):
     states.append(jax.device_get(state["ema_params"]))
   np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
   for x, y in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)  # momentum encoders too
+    # Momentum encoders too; entries that started at 0 hold ~1e-6 after 2 steps, where the
+    # 1- and 8-device reduction orders differ by about that much.
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
 def test_trainer_image_text_resumes_exactly(tmp_path):
