@@ -77,11 +77,13 @@ class ResNet(nn.Module):
 
 
 class ViT(nn.Module):
-  """Vision Transformer (pre-LN) with a class token; returns the token's final feature."""
+  """Vision Transformer (pre-LN) with a class token; returns the token's final feature
+  [B, width], or every token [B, 1 + patches, width] (class token first) when `sequence`."""
   patch: int = 4
   width: int = 192
   depth: int = 12
   heads: int = 3
+  sequence: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -95,7 +97,8 @@ class ViT(nn.Module):
       x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads)(y, y)
       y = nn.LayerNorm()(x)
       x = x + nn.Dense(self.width)(nn.gelu(nn.Dense(4 * self.width)(y)))
-    return nn.LayerNorm()(x[:, 0])
+    x = nn.LayerNorm()(x)  # per token: the same as normalising the class token alone
+    return x if self.sequence else x[:, 0]
 
 
 class ContrastiveModel(nn.Module):

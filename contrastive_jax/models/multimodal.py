@@ -2,7 +2,7 @@
 
 TwoTower: image encoder + text transformer, projections, learnable temperature,
   optional modality-independent heads (feature separation).
-Fusion (ALBEF-style): patch-transformer image encoder and text transformer (the
+Fusion (ALBEF-style): ViT image encoder (all tokens) and text transformer (the
   unimodal towers, as in TwoTower), plus a fusion encoder whose text tokens
   cross-attend to the image tokens, with an image-text-matching head and a
   masked-language-modelling head.
@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from contrastive_jax.models.encoders import ViT
 
 PAD = 0  # token id of padding (data.captions.PAD)
 
@@ -52,25 +54,6 @@ class _Block(nn.Module):
       x = x + nn.MultiHeadDotProductAttention(self.heads)(y, context)
     y = nn.LayerNorm()(x)
     return x + nn.Dense(self.width)(nn.gelu(nn.Dense(4 * self.width)(y)))
-
-
-class PatchEncoder(nn.Module):
-  """Images [B, H, W, C] -> tokens [B, 1 + (H/p)(W/p), width]; token 0 is [CLS]."""
-  patch: int = 8
-  width: int = 64
-  depth: int = 2
-  heads: int = 4
-
-  @nn.compact
-  def __call__(self, images: jax.Array) -> jax.Array:
-    x = nn.Conv(self.width, (self.patch, self.patch), strides=(self.patch, self.patch))(images)
-    x = x.reshape(x.shape[0], -1, self.width)
-    cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
-    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], 1)
-    x = x + self.param("pos", nn.initializers.normal(0.02), x.shape[1:])
-    for _ in range(self.depth):
-      x = _Block(self.width, self.heads)(x)
-    return nn.LayerNorm()(x)
 
 
 class TwoTower(nn.Module):
@@ -139,7 +122,8 @@ class Fusion(nn.Module):
   init_temperature: float = 0.07
 
   def setup(self):
-    self.image_encoder = PatchEncoder(8, self.width, self.depth, self.heads)
+    self.image_encoder = ViT(patch=8, width=self.width, depth=self.depth, heads=self.heads,
+                             sequence=True)
     self.text_encoder = TextTransformer(self.vocab_size, self.max_len, self.width, self.depth,
                                         self.heads)
     self.fusion = [_Block(self.width, self.heads) for _ in range(self.fusion_depth)]
