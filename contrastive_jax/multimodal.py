@@ -297,8 +297,8 @@ def train(cfg, data: dict, vocab_size: int, log_every: int = 0):
 
 
 def embed_all(model, params, images, tokens, batch_size: int = 500) -> dict:
-  """Embeddings of images [N, ...] and second-modality rows [M, ...] in batches:
-  {"features": image encoder features, "img", "txt": embeddings}."""
+  """Embeddings of images [N, ...] (may be empty) and second-modality rows [M, ...] in
+  batches: {"features": image encoder features, "img", "txt": embeddings}."""
   enc_img = jax.jit(lambda x: model.apply(params, x, method=model.encode_image))
   enc_txt = jax.jit(lambda t: model.apply(params, t, method=model.encode_text))
   f, img, txt = [], [], []
@@ -308,7 +308,8 @@ def embed_all(model, params, images, tokens, batch_size: int = 500) -> dict:
     img.append(np.asarray(z))
   for i in range(0, len(tokens), batch_size):
     txt.append(np.asarray(enc_txt(tokens[i:i + batch_size])[1]))
-  return {"features": np.concatenate(f), "img": np.concatenate(img), "txt": np.concatenate(txt)}
+  cat = lambda xs: np.concatenate(xs) if xs else None
+  return {"features": cat(f), "img": cat(img), "txt": cat(txt)}
 
 
 def evaluate_clip(model, params, train: dict, test: dict, tokenizer,
@@ -321,7 +322,7 @@ def evaluate_clip(model, params, train: dict, test: dict, tokenizer,
   e = embed_all(model, params, test["image"], test["captions"].reshape(n * k, -1))
   prompts = np.stack([[tokenizer.encode(p.format(digit=d)) for p in captions.PROMPTS]
                       for d in captions.DIGITS])  # [10, P, L]
-  class_txt = embed_all(model, params, test["image"][:1], prompts.reshape(-1, prompts.shape[-1]))
+  class_txt = embed_all(model, params, [], prompts.reshape(-1, prompts.shape[-1]))
   out = {"zero_shot": evaluate.zero_shot(e["img"], class_txt["txt"].reshape(10, len(
       captions.PROMPTS), -1), test["label"]),
          "retrieval": evaluate.retrieval_recall(e["img"], e["txt"], np.repeat(np.arange(n), k)),
@@ -339,17 +340,22 @@ def evaluate_clip(model, params, train: dict, test: dict, tokenizer,
   return out
 
 
+def _fused(model, params, images, tokens) -> jax.Array:
+  """Fusion-encoder sequence [B, L, W] of pairs (images [B, ...], tokens [B, L])."""
+  image_tokens = model.apply(params, images, method=model.encode_image)[0]
+  seq = model.apply(params, tokens, method=model.encode_text)[0]
+  return model.apply(params, image_tokens, seq, tokens, method=model.fuse)
+
+
+def _batched(fn, images, tokens, batch_size: int = 500) -> np.ndarray:
+  return np.concatenate([np.asarray(fn(images[i:i + batch_size], tokens[i:i + batch_size]))
+                         for i in range(0, len(images), batch_size)])
+
+
 def fused_features(model, params, images, tokens, batch_size: int = 500) -> np.ndarray:
   """[CLS] of the fusion encoder for pairs (images [N, ...], tokens [N, L]) -> [N, W]."""
-
-  @jax.jit
-  def f(x, t):
-    image_tokens = model.apply(params, x, method=model.encode_image)[0]
-    seq = model.apply(params, t, method=model.encode_text)[0]
-    return model.apply(params, image_tokens, seq, t, method=model.fuse)[:, 0]
-
-  return np.concatenate([np.asarray(f(images[i:i + batch_size], tokens[i:i + batch_size]))
-                         for i in range(0, len(images), batch_size)])
+  f = jax.jit(lambda x, t: _fused(model, params, x, t)[:, 0])
+  return _batched(f, images, tokens, batch_size)
 
 
 def fusion_tasks(data: dict, tokenizer, seed: int) -> dict:
@@ -385,17 +391,11 @@ def evaluate_fusion(model, params, train: dict, test: dict, tokenizer,
   tasks = {"train": fusion_tasks(tr, tokenizer, 1), "test": fusion_tasks(test, tokenizer, 2)}
   t = tasks["test"]["itm"]
 
-  @jax.jit
-  def itm_logits(x, tok):
-    image_tokens = model.apply(params, x, method=model.encode_image)[0]
-    seq = model.apply(params, tok, method=model.encode_text)[0]
-    return model.apply(params, model.apply(params, image_tokens, seq, tok, method=model.fuse),
-                       method=model.itm)
-
-  pred = np.concatenate([np.argmax(np.asarray(itm_logits(test["image"][t["image"][i:i + 500]],
-                                                         t["tokens"][i:i + 500])), -1)
-                         for i in range(0, len(t["label"]), 500)])
+  itm_logits = jax.jit(lambda x, tok: model.apply(params, _fused(model, params, x, tok),
+                                                  method=model.itm))
+  pred = np.argmax(_batched(itm_logits, test["image"][t["image"]], t["tokens"]), -1)
   out = {"itm_accuracy": float(np.mean(pred == t["label"]))}
+
   def probe(pairs_tr, pairs_te, num_classes):
     feats = lambda data, pairs: fused_features(
         model, params, data["image"][pairs.get("image", np.arange(len(data["image"])))],

@@ -20,16 +20,22 @@ def fake_data(n=64, seed=0):
   return {"image": images, "captions": caps}, tok
 
 
-def test_forward_shapes_and_padding_is_ignored():
+def forward(framework):
+  """(cfg, model, state, batch of 16, model output) with separation heads on."""
   data, tok = fake_data()
   cfg = mm.get_config()
-  cfg.weights.sep = 1.0
+  cfg.framework, cfg.weights.sep = framework, 1.0
   model = mm.build(cfg, len(tok))
   state = mm.init(cfg, model, mm.optax.adamw(1e-3), 64, (8, 8, 3))
   batch = mm.sample_batch(data, 0, 16, 0)
   out = model.apply(state["params"], batch["image"], batch["tokens"])
   for k in ("img", "txt", "img_ind", "txt_ind"):
     assert out[k].shape == (16, cfg.proj_dim), k
+  return cfg, model, state, batch, out, tok
+
+
+def test_forward_shapes_and_padding_is_ignored():
+  cfg, model, state, batch, out, _ = forward("clip")
   assert out["image_features"].shape[0] == 16
   np.testing.assert_allclose(out["temperature"], 0.07, rtol=1e-5)  # CLIP's initial value
   # Attention never reads padding: perturbing the position embeddings of the padded
@@ -101,15 +107,7 @@ def test_unknown_itc_is_a_clear_error():
 
 
 def test_fusion_forward_shapes():
-  data, tok = fake_data()
-  cfg = mm.get_config()
-  cfg.framework, cfg.weights.sep = "albef", 1.0
-  model = mm.build(cfg, len(tok))
-  state = mm.init(cfg, model, mm.optax.adamw(1e-3), 64, (8, 8, 3))
-  batch = mm.sample_batch(data, 0, 16, 0)
-  out = model.apply(state["params"], batch["image"], batch["tokens"])
-  for k in ("img", "txt", "img_ind", "txt_ind"):
-    assert out[k].shape == (16, cfg.proj_dim), k
+  cfg, model, state, batch, out, tok = forward("albef")
   assert out["itm"].shape == (16, 2)
   assert out["mlm"].shape == (16, captions.MAX_LEN, len(tok))
   image_tokens = model.apply(state["params"], batch["image"], method=model.encode_image)[0]
