@@ -1,28 +1,31 @@
-"""Image-text pretraining on captioned digits with the trainer (checkpoints, sharding,
-multi-process): CLIP-style two-tower with learnable temperature; the latent-structure
-regularisers are off (weights 0) unless set.
+"""Image-text pretraining on captioned digits: CLIP-style two-tower model with a
+learnable temperature, symmetric InfoNCE; the latent-structure regularisers are
+off (weight 0) unless set.
 
-  python -m contrastive_jax.train --config configs/captions_clip.py --workdir runs/clip \
-      [--config.multimodal.weights.br=1.0] [--config.multimodal.framework=albef \
-       --config.multimodal.itc=l_con]
+  python -m contrastive_jax.train --config configs/captions_clip.py --workdir runs/clip \\
+      [--config.weights.br=1.0] [--config.loss=l_con]
 """
 
 import ml_collections
 
-from configs import mnist_gamma
-from contrastive_jax import multimodal
+from configs import base
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = mnist_gamma.get_config()
+  c = base.get_config()
+  c.task = "two_tower"
   c.dataset = "captioned_digits"
-  c.multimodal = multimodal.get_config()  # framework, itc, weights, towers, augmentation
-  # The multimodal block's own seed / steps / batch / lr are those of its in-memory
-  # `multimodal.train`; under the trainer the top-level fields below apply.
-  c.batch_size = 128
+  c.model = "mlp"  # image encoder
+  c.text = ml_collections.ConfigDict(dict(width=64, depth=2))  # text transformer
+  c.proj_dim = 64
+  base.add_loss(c, "clip", temperature=0.1)  # fixed t: stateful ITCs, learn_temperature=False
+  c.learn_temperature = True
+  c.weights = ml_collections.ConfigDict(dict(sep=0.0, br=0.0, gc=0.0, align=0.0))
+  c.bridge_t = 0.25
+  c.noise_std = 0.1  # augmented image: pixel noise and brightness jitter, on device
   c.num_steps = 800
-  c.learning_rate = 1e-3
   c.warmup_steps = 50
-  c.knn_k = 20
-  c.eval_limit = 2000  # probes fit on 2000 train captions/images; all 1000 test
+  c.eval_limit = 2000  # probes fit on 2000 train images / captions; all 1000 test
+  c.evaluators = "zero_shot,retrieval,gap"
+  c.final_evaluators = "zero_shot,retrieval,gap,probes"
   return c

@@ -1,14 +1,11 @@
 """Evaluation protocols on frozen features: weighted kNN, linear probe, few-shot,
 retrieval, zero-shot; and the command that evaluates a workdir's checkpoint.
 
-Features are computed once, then every protocol is a small pure-JAX program.
-  python -m contrastive_jax.evaluate --workdir DIR
+Features are computed once, then every protocol is a small pure-JAX program. To
+evaluate a workdir's checkpoint: `python -m contrastive_jax.eval_checkpoint`.
 """
 
-import argparse
 import functools
-import json
-import os
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -176,24 +173,3 @@ def geometry(x, y=None) -> dict:
                paired_distance=float(metrics.paired_distance(x, y)),
                alignment=float(metrics.alignment(x, y)))
   return out
-
-
-def main(argv=None):
-  parser = argparse.ArgumentParser(description="Evaluate the latest checkpoint of a workdir.")
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
-  parser.add_argument("--linear_probe", action="store_true", help="also fit a linear probe")
-  args = parser.parse_args(argv)
-  from contrastive_jax import train  # pylint: disable=g-import-not-at-top
-  cfg, state, model = train.restore_for_eval(args.workdir, args.step)
-  result = train.evaluate_state(cfg, model, state["params"], linear=args.linear_probe)
-  result["step"] = int(state["step"])
-  path = os.path.join(args.workdir, f"eval_{result['step']}.json")
-  with open(path, "w") as f:
-    json.dump(result, f, indent=2)
-  print(json.dumps(result))
-  print(f"wrote {path}")
-
-
-if __name__ == "__main__":
-  main()

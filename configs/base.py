@@ -1,0 +1,51 @@
+"""Fields of the trainer that every config shares (data location, optimisation,
+devices, logging, checkpoints). Task configs start from `get_config()` and add
+the fields their task reads."""
+
+import ml_collections
+from ml_collections import config_dict
+
+from contrastive_jax.losses import registry
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data_dir = config_dict.placeholder(str)  # default ~/.cache/contrastive_jax/tfds
+  c.eval_split = "test"
+  c.data_threads = 2
+  # Optimisation.
+  c.batch_size = 128
+  c.num_steps = 1500
+  c.optimizer = "adamw"  # adamw | sgd | lars
+  c.learning_rate = 1e-3
+  c.lr_scaling = "none"  # none | linear | sqrt (of batch_size / 256)
+  c.warmup_steps = 100
+  c.weight_decay = 1e-4
+  # Devices and processes.
+  c.fsdp = 1  # > 1: shard parameters and optimiser state over this many devices (FSDP)
+  c.distributed = ml_collections.ConfigDict(dict(
+      initialize=False,  # True: jax.distributed.initialize (multi-process / multi-host)
+      # Unset: JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, else
+      # auto-detected (Cloud TPU, SLURM).
+      coordinator_address=config_dict.placeholder(str),
+      num_processes=config_dict.placeholder(int),
+      process_id=config_dict.placeholder(int),
+      timeout_s=300))
+  # Logging, evaluation (evaluator names are the task's), checkpoints.
+  c.log_every = 50
+  c.eval_every = 0  # > 0: run `evaluators` every this many steps
+  c.eval_at_init = True  # run `evaluators` before the first step
+  c.eval_limit = config_dict.placeholder(int)  # train examples the probes fit on
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 2
+  c.progress = True
+  return c
+
+
+def add_loss(c: ml_collections.ConfigDict, name: str, temperature: float) -> None:
+  """The loss fields: its name, temperature and every registered loss's options
+  (`--config.loss=sogclr --config.loss_options.sogclr.gamma=0.5` switches losses)."""
+  c.loss = name
+  c.temperature = temperature
+  c.loss_options = ml_collections.ConfigDict(registry.all_options())

@@ -1,0 +1,34 @@
+"""Evaluates a workdir's checkpoint with its task's evaluators; writes eval_STEP.json.
+
+  python -m contrastive_jax.eval_checkpoint --workdir DIR [--step K] [--evaluators knn,linear_probe]
+"""
+
+import argparse
+import json
+import os
+
+from contrastive_jax import train
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description="Evaluate a checkpoint of a workdir.")
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+  parser.add_argument("--evaluators", default=None,
+                      help="comma-separated evaluators (default: the config's final_evaluators)")
+  args = parser.parse_args(argv)
+  cfg, state, task = train.restore_for_eval(args.workdir, args.step)
+  names = args.evaluators or cfg.final_evaluators
+  result = {"step": int(state["step"]),
+            **task.evaluate(state["params"], task.eval_data(cfg.eval_limit), names)}
+  path = os.path.join(args.workdir, f"eval_{result['step']}.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(result, f, indent=2)
+  os.replace(path + ".tmp", path)
+  print(json.dumps(result))
+  print(f"wrote {path}")
+  return result
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,82 @@
+"""Processes, mesh and shardings of a training run.
+
+Mesh ("data", "fsdp") over every device of every process: the batch is sharded
+over both axes (`BATCH_AXES`, also the losses' `axis_name` inside `shard_map`);
+parameters and optimiser state are replicated (fsdp = 1, data parallel) or
+sharded over "fsdp" (GSPMD gathers them where the model needs them).
+"""
+
+import os
+from typing import Optional, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")  # the batch (and the loss's axis_name) spans both mesh axes
+
+
+def initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
+  """Joins a multi-process run when cfg.distributed.initialize is set.
+
+  Arguments left unset come from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+  JAX_PROCESS_ID, else from JAX's cluster auto-detection (Cloud TPU, SLURM, ...).
+  CPU processes exchange collectives over gloo.
+  """
+  d = cfg.get("distributed")
+  if d is None or not d.initialize or jax.distributed.is_initialized():
+    return
+  env = lambda name: int(os.environ[name]) if name in os.environ else None
+  num = d.num_processes if d.num_processes is not None else env("JAX_NUM_PROCESSES")
+  pid = d.process_id if d.process_id is not None else env("JAX_PROCESS_ID")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend only
+  jax.distributed.initialize(d.coordinator_address, num, pid,
+                             initialization_timeout=d.timeout_s)
+
+
+def make_mesh(cfg: ml_collections.ConfigDict,
+              devices: Optional[Sequence[jax.Device]] = None) -> jax.sharding.Mesh:
+  """("data", "fsdp") mesh over `devices` (default: all devices of all processes)."""
+  devices = np.array(jax.devices() if devices is None else devices)
+  fsdp = cfg.get("fsdp", 1)
+  if fsdp < 1 or devices.size % fsdp:
+    raise ValueError(f"fsdp={fsdp} must divide the {devices.size} devices")
+  return jax.sharding.Mesh(devices.reshape(-1, fsdp), ("data", "fsdp"))
+
+
+def _fsdp_spec(shape, n: int, min_size: int) -> P:
+  """Shards the largest dimension divisible by n over "fsdp"; small arrays stay replicated."""
+  if n == 1 or int(np.prod(shape)) < min_size:
+    return P()
+  dims = sorted((d for d in range(len(shape)) if shape[d] % n == 0), key=lambda d: -shape[d])
+  if not dims:
+    return P()
+  spec = [None] * len(shape)
+  spec[dims[0]] = "fsdp"
+  return P(*spec)
+
+
+# State entries that hold model-sized trees (FSDP-sharded when fsdp > 1).
+MODEL_SIZED = ("params", "opt_state", "ema_params")
+
+
+def state_shardings(abstract_state: dict, mesh: jax.sharding.Mesh,
+                    min_size: int = 2**14) -> dict:
+  """NamedShardings of a train state: params, optimiser state (and momentum params)
+  FSDP-sharded when the mesh's "fsdp" axis is > 1; loss state, step and rng replicated."""
+  n = mesh.shape["fsdp"]
+  shard = lambda x: NamedSharding(mesh, _fsdp_spec(x.shape, n, min_size))
+  rep = lambda x: NamedSharding(mesh, P())
+  return {k: jax.tree.map(shard if k in MODEL_SIZED else rep, v)
+          for k, v in abstract_state.items()}
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def host_params(params, mesh: jax.sharding.Mesh):
+  """Full parameters as NumPy on this host (gathered first if FSDP-sharded)."""
+  params = jax.jit(lambda p: p, out_shardings=NamedSharding(mesh, P()))(params)
+  return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), params)

@@ -1,0 +1,24 @@
+"""Tasks: one training objective each, all driven by the one trainer (`train.py`).
+
+  two_view   self-supervised, two augmented views of an image (`two_view.TwoView`)
+  two_tower  image-text, CLIP-style two towers (`image_text.TwoTower`)
+  fusion     image-text, ALBEF-style fusion model (`fusion.Fusion`)
+"""
+
+import ml_collections
+
+from contrastive_jax.tasks.base import Task
+from contrastive_jax.tasks.fusion import Fusion
+from contrastive_jax.tasks.image_text import TwoTower
+from contrastive_jax.tasks.two_view import TwoView
+
+TASKS = {"two_view": TwoView, "two_tower": TwoTower, "fusion": Fusion}
+
+
+def get(cfg: ml_collections.ConfigDict, train_src, **kwargs) -> Task:
+  """The task of cfg.task on the training records `train_src` (a random-access
+  sequence of dicts; kwargs, e.g. an image-text task's tokenizer, go to the task)."""
+  if cfg.task not in TASKS:
+    raise ValueError(f"unknown task {cfg.task!r}: set --config.task to one of "
+                     f"{', '.join(TASKS)}")
+  return TASKS[cfg.task](cfg, train_src, **kwargs)

