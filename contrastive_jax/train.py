@@ -173,9 +173,15 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
       signal.signal(signal.SIGINT, signal.default_int_handler)
 
   old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-  data = task.eval_data(cfg.eval_limit)
-  evaluate = lambda names: task.evaluate(sharding.host_params(state["params"], mesh), data,
-                                         names)
+  eval_inputs = []  # loaded at the first evaluation, if any
+
+  def evaluate(names: str) -> dict:
+    if not names.strip():
+      return {}
+    if not eval_inputs:
+      eval_inputs.append(task.eval_data(cfg.eval_limit))
+    return task.evaluate(sharding.host_params(state["params"], mesh), eval_inputs[0], names)
+
   if start == 0 and cfg.eval_at_init:
     init_eval = evaluate(cfg.evaluators)
     _log(workdir, {"step": 0, "phase": "eval", **init_eval})

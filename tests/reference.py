@@ -177,3 +177,16 @@ def numerical_grad(f, args, h=1e-6):
       g[i] = (fp - fm) / (2 * h)
     grads.append(g)
   return grads
+
+
+def momentum_distillation(img, txt, img_m, txt_m, t):
+  """ALBEF's distillation term: CE of the online softmax against the momentum softmax,
+  image->text and text->image, averaged."""
+  s = normalize(img) @ normalize(txt).T / t
+  s_m = normalize(img_m) @ normalize(txt_m).T / t
+  total = 0.0
+  for a, b in ((s, s_m), (s.T, s_m.T)):
+    q = np.exp(b - logsumexp(b, axis=1, keepdims=True))
+    log_p = a - logsumexp(a, axis=1, keepdims=True)
+    total += -np.mean(np.sum(q * log_p, axis=1))
+  return total / 2
