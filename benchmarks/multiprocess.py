@@ -1,11 +1,13 @@
 """Train-step communication and time: 2 processes x 4 CPU devices vs 1 x 8 (not a test).
 
 For each loss it starts the processes on loopback (jax.distributed, gloo), builds
-the trainer's step for the default config, reads the bytes each collective kind
-moves per step off the compiled HLO, and times steps. The gradient all-reduce is
-the same for every loss; the all-gather column is the loss's own traffic.
+the trainer's step for a config (default: the two-view default), reads the bytes
+each collective kind moves per step off the compiled HLO, and times steps. The
+gradient all-reduce is the same for every loss; the all-gather column is the
+loss's own traffic.
 
   python benchmarks/multiprocess.py [--losses nt_xent,gamma --batch 256 --steps 20]
+  python benchmarks/multiprocess.py --config configs/captions_clip.py --losses clip,gamma_clip
 The last line printed is JSON.
 """
 
@@ -22,30 +24,33 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def child(args):
   sys.path.insert(0, ROOT)
+  import importlib.util  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from configs import mnist_gamma  # pylint: disable=g-import-not-at-top
+  from contrastive_jax import sharding  # pylint: disable=g-import-not-at-top
   from contrastive_jax import train  # pylint: disable=g-import-not-at-top
   from contrastive_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from contrastive_jax.hlo import collective_bytes  # pylint: disable=g-import-not-at-top
 
-  cfg = mnist_gamma.get_config()
+  spec = importlib.util.spec_from_file_location("config", os.path.join(ROOT, args.config))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
   cfg.loss, cfg.batch_size = args.loss, args.batch
   if args.processes > 1:
     cfg.distributed.update(dict(initialize=True, coordinator_address=f"127.0.0.1:{args.port}",
                                 num_processes=args.processes, process_id=args.process_id))
-  train.initialize_distributed(cfg)
+  sharding.initialize_distributed(cfg)
   setup = train.build(cfg)
-  mesh = train.make_mesh(cfg)
-  shardings = train.state_shardings(jax.eval_shape(setup.init), mesh)
+  task = setup.task
+  mesh = sharding.make_mesh(cfg)
+  shardings = sharding.state_shardings(jax.eval_shape(setup.init), mesh)
   state = jax.jit(setup.init, out_shardings=shardings)()
   step = train.make_step(setup, mesh, shardings)
-  ds = pipeline.train_dataset(setup.train_src, batch_size=cfg.batch_size, seed=0,
-                              process_index=jax.process_index(),
+  ds = pipeline.train_dataset(task.train_src, batch_size=cfg.batch_size, seed=0,
+                              transform=task.transform(), process_index=jax.process_index(),
                               process_count=jax.process_count())
-  sharding = NamedSharding(mesh, P(train.BATCH_AXES))
-  batches = [{k: jax.make_array_from_process_local_data(sharding, ds[i][k])
-              for k in ("view1", "view2", "index")} for i in range(args.steps + 3)]
+  batches = [{k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), ds[i][k])
+              for k in task.batch_keys} for i in range(args.steps + 3)]
   moved = collective_bytes(step.lower(state, batches[0]).compile().as_text())
   for b in batches[:3]:  # compile and warm up
     state, logs = step(state, b)
@@ -67,7 +72,8 @@ def launch(loss, processes, devices, args):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   procs = [subprocess.Popen(
-      [sys.executable, __file__, "--child", "--loss", loss, "--processes", str(processes),
+      [sys.executable, __file__, "--child", "--config", args.config, "--loss", loss,
+       "--processes", str(processes),
        "--process_id", str(i), "--port", str(port), "--batch", str(args.batch),
        "--steps", str(args.steps)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
       text=True) for i in range(processes)]
@@ -85,6 +91,7 @@ def launch(loss, processes, devices, args):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default="configs/mnist_gamma.py")
   parser.add_argument("--losses", default="nt_xent,gamma")
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--steps", type=int, default=20)
@@ -97,13 +104,13 @@ def main():
   if args.child:
     return child(args)
   rows = [launch(loss, p, 8 // p, args) for loss in args.losses.split(",") for p in (1, 2)]
-  print(f"train step of configs/mnist_gamma.py (MLP), global batch {args.batch}, 8 CPU devices")
-  print(f"{'loss':>8} {'procs':>5} {'all-gather B':>13} {'all-reduce B':>13} {'other B':>9} "
+  print(f"train step of {args.config}, global batch {args.batch}, 8 CPU devices")
+  print(f"{'loss':>10} {'procs':>5} {'all-gather B':>13} {'all-reduce B':>13} {'other B':>9} "
         f"{'step ms':>8}")
   for r in rows:
     b = dict(r["bytes"])
     ag, ar = b.pop("all-gather", 0), b.pop("all-reduce", 0)
-    print(f"{r['loss']:>8} {r['processes']:>5} {ag:>13} {ar:>13} {sum(b.values()):>9} "
+    print(f"{r['loss']:>10} {r['processes']:>5} {ag:>13} {ar:>13} {sum(b.values()):>9} "
           f"{r['step_ms']:>8.2f}")
   print(json.dumps(rows))
 

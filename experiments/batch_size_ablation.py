@@ -205,7 +205,7 @@ def main():
                       help="configurations run in parallel (one process each)")
   parser.add_argument("--threads", type=int, default=1, help="data/XLA threads per run")
   parser.add_argument("--tag", default="", help="suffix of the loss name in results, e.g. "
-                      "_shape4 with --override=--config.gamma.shape=4")
+                      "_shape4 with --override=--config.loss_options.gamma.shape=4")
   parser.add_argument("--override", action="append", default=[],
                       help="extra trainer flag for every run (repeatable)")
   parser.add_argument("--devices_per_run", type=int, default=1,
