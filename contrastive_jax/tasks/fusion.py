@@ -6,8 +6,8 @@ and masked language modelling through the cross-attention fusion encoder.
 
 The augmented features of the regularisers (and of l_con) come from momentum
 (EMA) encoders applied to the augmented inputs; with a = cfg.fusion.distill_alpha
-> 0 the ITC is distilled from the momentum model's image-text similarities, as in
-ALBEF (here the momentum model sees the augmented views). ITM and MLM run outside
+> 0 the ITC is distilled from the momentum model's image-text similarities of the
+same pairs, as in ALBEF. ITM and MLM run outside
 `shard_map`: hard negatives are sampled from the global batch's similarities.
 """
 
@@ -86,8 +86,12 @@ class Fusion(image_text.TwoTower):
     _, img_m, img_ind_m = m.apply(ema, aug_images, method=m.encode_image)
     _, txt_m, txt_ind_m = m.apply(ema, batch["tokens_aug"], method=m.encode_text)
     aug = {"img": img_m, "txt": txt_m, "img_ind": img_ind_m, "txt_ind": txt_ind_m}
+    teacher = None
+    if f.distill_alpha > 0:  # ALBEF: the momentum model's view of the same pairs
+      teacher = {"img": m.apply(ema, batch["image"], method=m.encode_image)[1],
+                 "txt": m.apply(ema, batch["tokens"], method=m.encode_text)[1]}
     total, loss_state, terms = self.contrastive_terms(params, emb, aug, state, batch, k_loss,
-                                                      mesh, distill_alpha=f.distill_alpha)
+                                                      mesh, teacher, f.distill_alpha)
 
     # ITM: every image with its caption (match), with a hard negative caption, and every
     # caption with a hard negative image (no match); negatives never share the caption.

@@ -135,30 +135,32 @@ class TwoTower(base.Task):
     return {"img": img, "txt": txt, "img_ind": img_ind, "txt_ind": txt_ind}
 
   def contrastive_terms(self, params, emb, aug, state, batch, key, mesh,
-                        distill_alpha: float = 0.0):
+                        teacher=None, distill_alpha: float = 0.0):
     """ITC + weighted regularisers, per device inside `shard_map`: global-negative
-    losses gather keys, gamma keeps them local. With distill_alpha > 0 (momentum
-    embeddings in `aug`) the ITC is ALBEF's (1 - alpha) ITC + alpha L_distill.
+    losses gather keys, gamma keeps them local. With a `teacher` ({"img", "txt"}: the
+    momentum model's embeddings of the same inputs) the ITC is ALBEF's
+    (1 - distill_alpha) ITC + distill_alpha L_distill.
     Returns (total, new loss state, {term: value})."""
     t, t_itc = self.temperatures(params)
     w = self.cfg.weights
 
-    def local(emb, aug, t, t_itc, s, index, key):
+    def local(emb, aug, teacher, t, t_itc, s, index, key):
       itc, s = self.loss_fn(emb["img"], emb["txt"], s, index, key, temperature=t_itc,
                             axis_name=BATCH_AXES, a_aug=aug["img"], b_aug=aug["txt"])
       terms = {"itc": itc, **_regularisers(self.cfg, emb, aug, t, BATCH_AXES)}
       total = itc + sum(w[k] * v for k, v in terms.items() if k != "itc")
-      if distill_alpha > 0:
+      if teacher is not None:
         terms["distill"] = L.momentum_distillation_loss(
-            emb["img"], emb["txt"], aug["img"], aug["txt"], temperature=t,
+            emb["img"], emb["txt"], teacher["img"], teacher["txt"], temperature=t,
             axis_name=BATCH_AXES)
         total += distill_alpha * (terms["distill"] - itc)
       return total, s, terms
 
     rows = P(BATCH_AXES)
-    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, P(), P(), P(), rows, P()),
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, P(), P(), P(), rows, P()),
                          out_specs=(P(), P(), P()))(
-                             emb, aug, t, t_itc, state["loss_state"], batch["index"], key)
+                             emb, aug, teacher, t, t_itc, state["loss_state"], batch["index"],
+                             key)
 
   def loss(self, params, state, batch, key, mesh):
     k_aug, k_loss = jax.random.split(key)
