@@ -133,6 +133,7 @@ def main():
     f.write(table)
   print(table)
   plot(rows, args.out)
+  plot_embeddings(rows, args.out)
 
 
 COLS = [("zero_shot/top1", "zero-shot top-1"), ("retrieval/i2t_R@1", "i2t R@1"),
@@ -199,6 +200,25 @@ def plot(rows, out):
   fig.tight_layout()
   fig.savefig(os.path.join(out, "alignment.png"), dpi=100)
   plt.close(fig)
+
+
+def plot_embeddings(rows, out, n=500):
+  """2-D PCA of test image / caption embeddings of seed 0's two-tower baseline, +all and
+  forced alignment (weight 10), read from their checkpoints."""
+  sys.path.insert(0, ROOT)
+  from contrastive_jax import plot as plot_lib  # pylint: disable=g-import-not-at-top
+  from contrastive_jax import train  # pylint: disable=g-import-not-at-top
+  for r in rows:
+    if r["framework"] != "clip" or r["seed"] or r["variant"] not in ("baseline", "+all",
+                                                                       "align=10"):
+      continue
+    path = os.path.join(out, f"pca_clip_{r['variant'].strip('+').replace('=', '')}.png")
+    if os.path.exists(path):
+      continue
+    _, state, task = train.restore_for_eval(r["workdir"])
+    _, test = task.eval_data(limit=1)
+    e = task.embed_all(state["params"], test["image"][:n], test["captions"][:n, 0])
+    plot_lib.plot_modalities(e["img"], e["txt"], path, test["label"][:n])
 
 
 if __name__ == "__main__":

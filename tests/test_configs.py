@@ -1,0 +1,38 @@
+"""Every config: the trainer's CLI overrides work, and the task it names accepts it."""
+
+import glob
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from contrastive_jax import tasks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                 if not p.endswith("base.py"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_names_a_task_and_takes_the_common_overrides(name):
+  cfg = importlib.import_module(f"configs.{name}").get_config()
+  assert cfg.task in tasks.TASKS, (name, cfg.task)
+  cfg.update_from_flattened_dict({"num_steps": 7, "warmup_steps": 3, "batch_size": 16})
+  assert (cfg.num_steps, cfg.warmup_steps, cfg.batch_size) == (7, 3, 16)
+
+
+def test_cli_overrides_reach_the_trainer(tmp_path):
+  """--config.num_steps / warmup_steps / batch_size on the command line, for every config,
+  parsed by the trainer's own flags."""
+  code = ("import sys; from absl import flags; from contrastive_jax import train; "
+          "flags.FLAGS(sys.argv); c = train._CONFIG.value; "
+          "print(c.task, c.num_steps, c.warmup_steps, c.batch_size)")
+  for name in CONFIGS:
+    out = subprocess.run(
+        [sys.executable, "-c", code, "--config", f"configs/{name}.py", "--workdir",
+         str(tmp_path), "--config.num_steps=11", "--config.warmup_steps=2",
+         "--config.batch_size=24"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[1:] == ["11", "2", "24"], (name, out.stdout)
