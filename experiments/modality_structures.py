@@ -167,11 +167,48 @@ def make_table(rows, steps) -> str:
       if rs:
         text.append(f"| {v} | {len(rs)} | " + " | ".join(cell(rs, k) for k, _ in cols) + " |")
     text.append("")
+  text += paired_differences(rows)
   curves = [r for r in rows if r["framework"] == "albef" and r["zero_shot_curve"]]
   for r in sorted(curves, key=lambda r: r["seed"]):
     text.append(f"fusion baseline seed {r['seed']}, zero-shot top-1 by step: " + ", ".join(
         f"{s}: {a:.3f}" for s, a in r["zero_shot_curve"]) + f", final {r['zero_shot/top1']:.3f}")
   return "\n".join(text) + "\n"
+
+
+# The metric each regulariser is claimed to help (the paper's pattern), per framework.
+CLAIMS = {"clip": [("zero_shot/top1", "zero-shot"), ("retrieval/i2t_R@10", "i2t R@10"),
+                   ("linear_probe/digit_from_features", "linear probe")],
+          "albef": [("zero_shot/top1", "zero-shot"), ("fusion/entailment_accuracy", "entailment"),
+                    ("fusion/qa/mean", "QA mean"), ("fusion/itm_accuracy", "ITM")],
+          "mfeat": [("retrieval/i2t_R@1", "i2t R@1"),
+                    ("linear_probe/digit_from_img", "probe (image emb)")]}
+
+
+def paired_differences(rows) -> list[str]:
+  """Variant minus baseline of the same seed: mean and 95 % t-interval over seeds."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  text = ["### Differences from the baseline, paired by seed (mean [95 % CI]; * = CI excludes 0)",
+          ""]
+  for fw, cols in CLAIMS.items():
+    base = {r["seed"]: r for r in rows if r["framework"] == fw and r["variant"] == "baseline"}
+    names = [v for v in VARIANTS if v != "baseline"] + (
+        [f"align={a:g}" for a in ALIGN_WEIGHTS] if fw == "clip" else [])
+    lines = []
+    for v in names:
+      rs = [r for r in rows if r["framework"] == fw and r["variant"] == v and r["seed"] in base]
+      if len(rs) < 2:
+        continue
+      cells = []
+      for k, _ in cols:
+        d = np.array([r[k] - base[r["seed"]][k] for r in rs])
+        half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+        star = "*" if abs(d.mean()) > half else ""
+        cells.append(f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}]{star}")
+      lines.append(f"| {v} | {len(rs)} | " + " | ".join(cells) + " |")
+    if lines:
+      text += [f"{fw}:", "", "| variant | seeds | " + " | ".join(c for _, c in cols) + " |",
+               "|---|---|" + "---|" * len(cols), *lines, ""]
+  return text
 
 
 def plot(rows, out):
