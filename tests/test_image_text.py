@@ -5,7 +5,6 @@ step's communication, exact resume."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from configs import captions_albef, captions_clip, captions_gamma

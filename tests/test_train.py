@@ -1,6 +1,5 @@
 """Trainer: every loss trains, 1 vs 8 devices, exact resume, SIGTERM, bad input."""
 
-import functools
 import json
 import os
 import signal
@@ -9,7 +8,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
