@@ -14,8 +14,9 @@ import orbax.checkpoint as ocp
 
 # Config fields that must match to resume from a workdir's checkpoint (the rest, e.g.
 # num_steps or evaluation and logging fields, may change on resume).
-RESUME_KEYS = ("task", "dataset", "model", "loss", "loss_options", "temperature",
-               "learn_temperature", "weights", "fusion", "batch_size", "seed", "optimizer")
+RESUME_KEYS = ("task", "dataset", "model", "head_hidden", "text", "proj_dim", "vector_views",
+               "loss", "loss_options", "temperature", "learn_temperature", "weights", "fusion",
+               "batch_size", "seed", "optimizer")
 
 
 def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
