@@ -47,10 +47,10 @@ def flat(result, prefix=""):
   return out
 
 
-def plan(seeds: int, parts, variants) -> list[tuple]:
+def plan(seeds, parts, variants) -> list[tuple]:
   """(framework, variant name, weights, seed), seed by seed."""
   runs = []
-  for s in range(seeds):
+  for s in seeds:
     for fw in ("clip", "albef", "mfeat"):
       runs += [(fw, name, w, s) for name, w in VARIANTS.items() if name in variants]
     runs += [("clip", f"align={a:g}", {"align": a}, s) for a in ALIGN_WEIGHTS]
@@ -96,14 +96,17 @@ def main():
   parser.add_argument("--out", default="results/modality_structures")
   parser.add_argument("--quick", action="store_true",
                       help="1 seed, 200 (two-tower) / 100 (fusion) steps, probes on 1000")
-  parser.add_argument("--seeds", type=int, default=None)
+  parser.add_argument("--seeds", type=int, default=None, help="seeds 0 .. n-1")
+  parser.add_argument("--seed_list", default=None,
+                      help="comma list of seeds instead (e.g. to split a sweep over machines)")
   parser.add_argument("--only", default="clip,albef,mfeat,align",
                       help="comma list of parts: clip, albef, mfeat, align")
   parser.add_argument("--variants", default=",".join(VARIANTS),
                       help="comma list of regulariser variants to run")
   parser.add_argument("--workers", type=int, default=1, help="runs in parallel")
   args = parser.parse_args()
-  seeds = args.seeds or (1 if args.quick else 3)
+  seeds = ([int(x) for x in args.seed_list.split(",")] if args.seed_list else
+           range(args.seeds or (1 if args.quick else 3)))
   args.steps = ({"clip": 200, "albef": 100, "mfeat": 200} if args.quick else
                 {"clip": 800, "albef": 600, "mfeat": 800})
   os.makedirs(args.out, exist_ok=True)
