@@ -16,6 +16,7 @@ step k continues exactly as if never stopped. SIGTERM (or Ctrl-C) saves a
 checkpoint and exits cleanly.
 """
 
+import functools
 import json
 import os
 import signal
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import optax
+import orbax.checkpoint as ocp
 import tqdm
 
 from contrastive_jax import checkpointing
@@ -150,7 +152,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
 
   mngr = checkpointing.manager(workdir, cfg.keep_checkpoints)
   if mngr.latest_step() is not None:
-    restored = checkpointing.restore(mngr, jax.tree.map(ocp_struct, state))
+    restored = checkpointing.restore(mngr, jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
     state = restored["state"]
     _print(f"resumed from {workdir} at step {int(state['step'])} "
            f"(data iterator at batch {restored['data']['next_index']})")
@@ -173,14 +175,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
       signal.signal(signal.SIGINT, signal.default_int_handler)
 
   old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-  eval_inputs = []  # loaded at the first evaluation, if any
+  eval_data = functools.cache(lambda: task.eval_data(cfg.eval_limit))  # at the first use
 
   def evaluate(names: str) -> dict:
     if not names.strip():
       return {}
-    if not eval_inputs:
-      eval_inputs.append(task.eval_data(cfg.eval_limit))
-    return task.evaluate(sharding.host_params(state["params"], mesh), eval_inputs[0], names)
+    return task.evaluate(sharding.host_params(state["params"], mesh), eval_data(), names)
 
   if start == 0 and cfg.eval_at_init:
     init_eval = evaluate(cfg.evaluators)
@@ -233,11 +233,6 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     with open(os.path.join(workdir, "final_eval.json"), "w") as f:
       json.dump(result, f, indent=2)
   return result
-
-
-def ocp_struct(x: jax.Array) -> jax.ShapeDtypeStruct:
-  """Abstract array (shape, dtype, sharding): a restore target."""
-  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
 
 def restore_for_eval(workdir: str, step: Optional[int] = None):
