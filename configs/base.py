@@ -31,7 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
       coordinator_address=config_dict.placeholder(str),
       num_processes=config_dict.placeholder(int),
       process_id=config_dict.placeholder(int),
-      timeout_s=300))
+      timeout_s=300,
+      # A process that has not been heard from for this long is dead: the others exit.
+      heartbeat_timeout_s=100))
   # Logging, evaluation (evaluator names are the task's), checkpoints.
   c.log_every = 50
   c.eval_every = 0  # > 0: run `evaluators` every this many steps
@@ -39,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_limit = config_dict.placeholder(int)  # train examples the probes fit on
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
+  # A step with a non-finite loss or gradient norm stops the run (nothing is checkpointed).
+  # True: such a step leaves the state unchanged and the run goes on (counted in the log).
+  c.skip_nonfinite = False
   c.progress = True
   return c
 

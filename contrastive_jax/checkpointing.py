@@ -1,22 +1,42 @@
-"""Checkpoints of a workdir: Orbax manager, save / restore, config compatibility.
+"""Checkpoints of a workdir: Orbax manager, checked save / restore, config compatibility.
 
-A workdir holds `checkpoints/STEP/` (train state + data-iterator JSON) and
-`config.json`, the config of the run that wrote them.
+A workdir holds `checkpoints/STEP/` (train state + a JSON item with the data
+iterator's position and a fingerprint of every state array) and `config.json`,
+the config of the run that wrote them.
+
+A state is saved only when it is finite. A restore checks the tree, the shapes,
+finiteness and the fingerprints; a step that fails any check is moved to
+`checkpoints.broken/` with a warning and the next newest one is tried.
 """
 
 import json
 import os
-from typing import Optional
+import shutil
+import sys
+import time
+from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
-# Config fields that must match to resume from a workdir's checkpoint (the rest, e.g.
-# num_steps or evaluation and logging fields, may change on resume).
-RESUME_KEYS = ("task", "dataset", "model", "head_hidden", "text", "proj_dim", "vector_views",
-               "loss", "loss_options", "temperature", "learn_temperature", "weights", "fusion",
-               "batch_size", "seed", "optimizer")
+# Config fields that may change when a run resumes (prefixes of dotted paths); every
+# other field must equal the stored config's. num_steps may not go below the checkpoint.
+MUTABLE_ON_RESUME = (
+    "num_steps", "log_every", "progress", "eval_every", "eval_at_init", "evaluators",
+    "final_evaluators", "eval_limit", "eval_split", "knn_k", "checkpoint_every",
+    "keep_checkpoints", "data_dir", "data_threads", "distributed", "fsdp", "skip_nonfinite")
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint of a workdir that has some can be restored."""
+
+
+def _warn(msg: str) -> None:
+  print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
@@ -26,50 +46,193 @@ def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
                                            enable_async_checkpointing=True))
 
 
+# ----------------------------------------------------------------------------
+# Fingerprints: catch flipped bytes in any array, whatever mesh wrote or reads it.
+
+
+def _mix(x: jax.Array) -> jax.Array:
+  """murmur3's 32-bit finaliser, elementwise on uint32."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+  """uint32 hash of an array's bits and positions: a sum of per-element hashes, so
+  it does not depend on how the array is sharded or in which order it is reduced."""
+  x = jnp.asarray(x)
+  if jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.bool_:
+    bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[x.dtype.itemsize]
+    x = jax.lax.bitcast_convert_type(x, bits) if x.dtype != jnp.bool_ else x
+  words = x.astype(jnp.uint32).ravel()
+  position = jnp.arange(words.size, dtype=jnp.uint32)
+  return jnp.sum(_mix(words ^ _mix(position + jnp.uint32(0x9E3779B9))), dtype=jnp.uint32)
+
+
+def _bad_values(x: jax.Array) -> jax.Array:
+  """[any NaN or +inf, any -inf] of an array."""
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.zeros((2,), bool)
+  return jnp.stack([jnp.any(jnp.isnan(x) | jnp.isposinf(x)), jnp.any(jnp.isneginf(x))])
+
+
+@jax.jit
+def _check(state: Any) -> tuple[Any, Any]:
+  return jax.tree.map(_leaf_fingerprint, state), jax.tree.map(_bad_values, state)
+
+
+def inspect(state: Any) -> tuple[dict[str, int], list[str]]:
+  """({path: fingerprint}, [paths of leaves holding NaN or inf]) of a state.
+
+  -inf is allowed in the loss state, where it marks an entry not yet visited.
+  """
+  fingerprints, bad = jax.device_get(_check(state))
+  fp = {jax.tree_util.keystr(p): int(v)
+        for p, v in jax.tree_util.tree_leaves_with_path(fingerprints)}
+  paths = [jax.tree_util.keystr(p) for p, (nan_or_inf, neg_inf)
+           in jax.tree_util.tree_leaves_with_path(bad, is_leaf=lambda x: isinstance(x, np.ndarray))
+           if nan_or_inf or (neg_inf and not p[0] == jax.tree_util.DictKey("loss_state"))]
+  return fp, paths
+
+
+# ----------------------------------------------------------------------------
+# Save and restore.
+
+
 def save(mngr: ocp.CheckpointManager, state: dict, data_state: dict) -> None:
-  """Saves state at its step (asynchronously) unless that step is saved already."""
+  """Saves a finite state at its step (asynchronously) unless that step is saved.
+
+  Raises FloatingPointError (nothing written) if any array holds a NaN or inf.
+  """
   step = int(state["step"])
-  if step not in mngr.all_steps():
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            data=ocp.args.JsonSave(data_state)))
+  if step in mngr.all_steps():
+    return
+  fingerprints, bad = inspect(state)
+  if bad:
+    raise FloatingPointError(f"the state at step {step} is not finite in {', '.join(bad[:3])}"
+                             f"{' ...' if len(bad) > 3 else ''}: not checkpointed")
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=ocp.args.JsonSave({**data_state, "fingerprints": fingerprints})))
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_state, step: Optional[int] = None,
             with_data: bool = True) -> dict:
   """{"state": ..., "data": ...} of `step` (default latest) onto the shardings that
   `abstract_state` (a tree of jax.ShapeDtypeStruct) carries: a checkpoint written by
-  any process count or mesh restores onto this one."""
+  any process count or mesh restores onto this one. Raises CheckpointError unless
+  the restored state has the expected tree and shapes, is finite and matches the
+  fingerprints recorded when it was saved."""
   step = mngr.latest_step() if step is None else step
-  items = {"state": ocp.args.StandardRestore(abstract_state)}
-  if with_data:
-    items["data"] = ocp.args.JsonRestore()
-  return mngr.restore(step, args=ocp.args.Composite(**items))
+  items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore()}
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:  # Orbax raises many kinds (KeyError, ValueError, OSError, ...)
+    raise CheckpointError(f"step {step} does not restore ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]})") from None
+  state, data = restored["state"], restored["data"] or {}
+  if jax.tree.structure(state) != jax.tree.structure(abstract_state):
+    raise CheckpointError(f"step {step} holds another state tree")
+  for (path, x), want in zip(jax.tree_util.tree_leaves_with_path(state),
+                             jax.tree.leaves(abstract_state)):
+    if x.shape != want.shape or x.dtype != want.dtype:
+      raise CheckpointError(f"step {step}: {jax.tree_util.keystr(path)} is {x.dtype}{x.shape}, "
+                            f"expected {want.dtype}{want.shape}")
+  fingerprints, bad = inspect(state)
+  if bad:
+    raise CheckpointError(f"step {step} holds NaN or inf in {', '.join(bad[:3])}")
+  recorded = data.get("fingerprints")
+  if recorded is None:
+    _warn(f"checkpoint step {step} has no recorded fingerprints (older version): not verified")
+  elif recorded != fingerprints:
+    changed = [k for k in fingerprints if recorded.get(k) != fingerprints[k]]
+    raise CheckpointError(f"step {step}: the bytes of {', '.join(changed[:3])}"
+                          f"{' ...' if len(changed) > 3 else ''} changed since they were saved")
+  return {"state": state, "data": data} if with_data else {"state": state}
 
 
-def _plain(v):
-  return v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v
+def restore_newest_good(workdir: str, mngr: ocp.CheckpointManager, abstract_state,
+                        keep: int) -> tuple[Optional[dict], ocp.CheckpointManager]:
+  """Restores the newest step that passes `restore`'s checks. Each newer step that
+  fails gives a warning and, once an older one restores, is moved to
+  workdir/checkpoints.broken/ (kept, and out of the way of the next save of that step).
+
+  Returns (restored or None when there is no checkpoint, the manager to go on with).
+  Raises CheckpointError when checkpoints exist but none restores: the trainer never
+  silently starts again from scratch.
+  """
+  errors, broken = [], []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      restored, why = restore(mngr, abstract_state, step), None
+    except CheckpointError as e:
+      restored, why = None, str(e)
+    if jax.process_count() > 1:  # a shard may fail on one process only: all agree
+      fails = multihost_utils.process_allgather(np.int32(why is not None))
+      if why is None and np.any(fails):
+        restored, why = None, f"step {step} fails to restore on another process"
+    if why is None:
+      break
+    errors.append(why)
+    broken.append(step)
+    _warn(f"{why}: trying an older checkpoint")
+  else:
+    if errors:  # nothing moved: the trainer never starts again from scratch over them
+      raise CheckpointError(f"no checkpoint in {workdir}/checkpoints restores: "
+                            f"{'; '.join(errors)}")
+    return None, mngr
+  if broken:  # out of the manager's way, so that these steps can be saved again
+    if jax.process_index() == 0:
+      target = os.path.join(workdir, "checkpoints.broken")
+      os.makedirs(target, exist_ok=True)
+      for step in broken:
+        shutil.move(os.path.join(workdir, "checkpoints", str(step)),
+                    os.path.join(target, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"))
+      _warn(f"resuming from step {int(restored['state']['step'])}; moved the broken "
+            f"step(s) {broken} to {target}")
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("moved broken checkpoints")
+    mngr.close()
+    mngr = manager(workdir, keep)
+  return restored, mngr
 
 
-def check_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes config.json beside the checkpoints, or refuses an incompatible one."""
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    diff = {k: (old.get(k), _plain(cfg.get(k))) for k in RESUME_KEYS
-            if old.get(k) != _plain(cfg.get(k))}
-    if diff and os.path.isdir(os.path.join(workdir, "checkpoints")):
-      raise ValueError(
-          f"workdir {workdir} holds a run with a different config "
-          f"({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}): "
-          "use a new --workdir or the original config")
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(path + ".tmp", "w") as f:
-      f.write(cfg.to_json(indent=2))
-    os.replace(path + ".tmp", path)
+# ----------------------------------------------------------------------------
+# Config compatibility.
+
+
+def _flat(d: Any, prefix: str = "") -> dict:
+  if isinstance(d, dict):
+    out = {}
+    for k, v in d.items():
+      out.update(_flat(v, f"{prefix}{k}."))
+    return out or {prefix[:-1]: {}}
+  return {prefix[:-1]: d}
+
+
+def config_changes(old: dict, cfg: ml_collections.ConfigDict) -> list[str]:
+  """Dotted fields that differ between a stored config and cfg, except those that
+  may change on resume (MUTABLE_ON_RESUME)."""
+  new = json.loads(cfg.to_json())  # tuples -> lists, as stored
+  a, b = _flat(old), _flat(new)
+  mutable = lambda k: any(k == m or k.startswith(m + ".") for m in MUTABLE_ON_RESUME)
+  return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+          for k in sorted(set(a) | set(b)) if not mutable(k) and a.get(k) != b.get(k)]
+
+
+def stored_config(workdir: str) -> Optional[dict]:
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  with open(os.path.join(workdir, "config.json")) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  old = stored_config(workdir)
+  if old is None:
+    raise FileNotFoundError(f"no config.json in {workdir}: is it a training workdir?")
+  return ml_collections.ConfigDict(old)

@@ -7,6 +7,7 @@ sharded over "fsdp" (GSPMD gathers them where the model needs them).
 """
 
 import os
+import sys
 from typing import Optional, Sequence
 
 import jax
@@ -31,8 +32,21 @@ def initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
   num = d.num_processes if d.num_processes is not None else env("JAX_NUM_PROCESSES")
   pid = d.process_id if d.process_id is not None else env("JAX_PROCESS_ID")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend only
+  # Recoverable: a dead peer fails the collectives of the others (an error this process
+  # reports in one line, `exit_peer_lost`) instead of aborting them with a thread dump.
+  jax.config.update("jax_enable_recoverability", True)
   jax.distributed.initialize(d.coordinator_address, num, pid,
-                             initialization_timeout=d.timeout_s)
+                             initialization_timeout=d.timeout_s,
+                             heartbeat_timeout_seconds=d.get("heartbeat_timeout_s", 100))
+
+
+def exit_peer_lost(reason: str) -> None:
+  """Exits this process at once (code 1) with one line: another process of the run
+  died, so collectives fail or never complete."""
+  print(f"error: process {jax.process_index()}: another process of this run stopped or cannot "
+        f"be reached ({reason.splitlines()[0][:200]}); exiting. Its log says why; run the same "
+        "command to resume from the last checkpoint.", file=sys.stderr, flush=True)
+  os._exit(1)  # not sys.exit: JAX's shutdown would wait for the dead peer
 
 
 def make_mesh(cfg: ml_collections.ConfigDict,

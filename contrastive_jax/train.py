@@ -18,7 +18,9 @@ checkpoint and exits cleanly.
 
 import functools
 import json
+import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -31,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import tqdm
@@ -38,7 +41,30 @@ import tqdm
 from contrastive_jax import checkpointing
 from contrastive_jax import sharding
 from contrastive_jax import tasks
+from contrastive_jax import workdir as workdir_lib
 from contrastive_jax.data import pipeline
+
+
+def _positive_int(cfg, name, minimum=1):
+  v = cfg.get(name)
+  if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+    raise ValueError(f"--config.{name}={v!r}: must be an integer >= {minimum}")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the field and what is allowed for a bad trainer setting."""
+  for name in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+    _positive_int(cfg, name)
+  for name in ("warmup_steps", "eval_every", "data_threads"):
+    _positive_int(cfg, name, minimum=0)
+  if cfg.get("eval_limit") is not None:
+    _positive_int(cfg, "eval_limit")
+  for name in ("learning_rate", "weight_decay"):
+    v = cfg.get(name)
+    if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (
+        name == "learning_rate" and v == 0):
+      raise ValueError(f"--config.{name}={v!r}: must be a finite number "
+                       f"{'> 0' if name == 'learning_rate' else '>= 0'}")
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Callable]:
@@ -93,20 +119,34 @@ def build(cfg: ml_collections.ConfigDict, task: Optional[tasks.Task] = None) -> 
 
 
 def train_step(state: dict, batch: dict, *, task: tasks.Task, tx: optax.GradientTransformation,
-               mesh: jax.sharding.Mesh) -> tuple[dict, dict]:
-  """One optimiser step of `task` on a global batch sharded over the mesh's BATCH_AXES."""
+               mesh: jax.sharding.Mesh, skip_nonfinite: bool = False) -> tuple[dict, dict]:
+  """One optimiser step of `task` on a global batch sharded over the mesh's BATCH_AXES.
+
+  logs["finite"] says whether the loss and the gradient norm were finite. With
+  skip_nonfinite, a step where they are not leaves the state as it was (but for
+  the step counter, so that the next batch comes).
+  """
   key = jax.random.fold_in(state["rng"], state["step"])
   (loss, (updates, logs)), grads = jax.value_and_grad(task.loss, has_aux=True)(
       state["params"], state, batch, key, mesh)
   param_updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   new_state = {**state, **updates, "step": state["step"] + 1, "opt_state": opt_state,
                "params": optax.apply_updates(state["params"], param_updates)}
-  return task.after_step(new_state), {"loss": loss, **logs, "grad_norm": optax.tree.norm(grads)}
+  new_state = task.after_step(new_state)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  if skip_nonfinite:
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                             {**new_state, "step": state["step"]}, state)
+    new_state["step"] = state["step"] + 1
+  return new_state, {"loss": loss, **logs, "grad_norm": grad_norm, "finite": finite}
 
 
-def make_step(setup: Setup, mesh: jax.sharding.Mesh, shardings: dict) -> Callable:
+def make_step(setup: Setup, mesh: jax.sharding.Mesh, shardings: dict,
+              skip_nonfinite: bool = False) -> Callable:
   """jit-compiled train_step with the state's shardings and a batch-sharded input."""
-  step = lambda state, batch: train_step(state, batch, task=setup.task, tx=setup.tx, mesh=mesh)
+  step = lambda state, batch: train_step(state, batch, task=setup.task, tx=setup.tx, mesh=mesh,
+                                         skip_nonfinite=skip_nonfinite)
   return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(shardings, None), donate_argnums=0)
 
@@ -120,22 +160,53 @@ def _print(*args):
     print(*args, flush=True)
 
 
-def _log(workdir, record):
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-      f.write(json.dumps(record) + "\n")
+class NonFiniteError(FloatingPointError):
+  """The loss or the gradient norm of a step is NaN or inf."""
+
+
+def _check_finite(step: int, logs: dict, skipped: list) -> None:
+  """Raises NonFiniteError for a non-finite step, or counts it when it was skipped."""
+  if bool(jax.device_get(logs["finite"])):
+    return
+  if skipped is not None:
+    skipped.append(step)
+    return
+  loss, norm = (float(jax.device_get(logs[k])) for k in ("loss", "grad_norm"))
+  raise NonFiniteError(
+      f"step {step}: the loss is {loss} and the gradient norm {norm}; stopped without "
+      "checkpointing (the last good checkpoint is kept). Lower --config.learning_rate, check "
+      "the loss options, or set --config.skip_nonfinite=True to skip such steps")
+
+
+def _agree(ok: bool, what: str) -> None:
+  """Multi-process: every process stops when one of them failed `what` (it said why)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    if not np.all(multihost_utils.process_allgather(np.int32(ok))) and ok:
+      raise workdir_lib.WorkdirError(f"another process failed to {what} (see its log)")
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                        stop_at: Optional[int] = None) -> dict:
   """Trains cfg.num_steps steps (resuming from workdir if it holds a checkpoint).
 
+  Nothing in the workdir is written before the config is known to be compatible
+  with its checkpoints, the newest checkpoint that passes its checks is restored,
+  a non-finite step stops the run before it is checkpointed, and one trainer at a
+  time holds the workdir (`workdir.Lock`).
+
   Args:
     stop_at: stop after this step as if preempted (checkpoint, no final eval).
   Returns:
     the final evaluation dict (also written to workdir/final_eval.json), or
     {"preempted": True, "step": k} when stopped early.
+  Raises:
+    ValueError (bad setting), NonFiniteError, workdir.WorkdirError,
+    checkpointing.CheckpointError: each with a one-line message.
   """
+  validate(cfg)
+  if stop_at is not None and stop_at < 0:
+    raise ValueError(f"--stop_at={stop_at}: must be >= 0")
   sharding.initialize_distributed(cfg)
   n_dev = jax.device_count()
   if cfg.batch_size % n_dev:
@@ -143,30 +214,64 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                      f"set --config.batch_size to a multiple of {n_dev}")
   setup = build(cfg)
   task = setup.task
-  checkpointing.check_config(cfg, workdir)
+  lead = jax.process_index() == 0
+  workdir_lib.make(workdir)
+  lock = workdir_lib.Lock(workdir)
+  try:
+    if lead:
+      lock.acquire()
+  finally:
+    _agree(lock.held or not lead, "take the workdir lock")
+  try:
+    return _train(cfg, workdir, stop_at, setup, lock)
+  finally:
+    if lead:
+      lock.release()
+
+
+def _train(cfg, workdir, stop_at, setup, lock) -> dict:
+  task = setup.task
+  lead = jax.process_index() == 0
+  mngr = checkpointing.manager(workdir, cfg.keep_checkpoints)
+  old = checkpointing.stored_config(workdir)
+  if old is not None and mngr.all_steps():
+    changes = checkpointing.config_changes(old, cfg)
+    if changes:
+      raise ValueError(
+          f"workdir {workdir} holds a run with a different config ({'; '.join(changes)}); "
+          f"only {', '.join(checkpointing.MUTABLE_ON_RESUME)} may change on resume: use a "
+          "new --workdir or the original config")
 
   mesh = sharding.make_mesh(cfg)
   shardings = sharding.state_shardings(jax.eval_shape(setup.init), mesh)
   data_sharding = sharding.batch_sharding(mesh)
   state = jax.jit(setup.init, out_shardings=shardings)()
-
-  mngr = checkpointing.manager(workdir, cfg.keep_checkpoints)
-  if mngr.latest_step() is not None:
-    restored = checkpointing.restore(mngr, jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+  restored, mngr = checkpointing.restore_newest_good(
+      workdir, mngr, jax.tree.map(ocp.utils.to_shape_dtype_struct, state), cfg.keep_checkpoints)
+  if restored is not None:
     state = restored["state"]
     _print(f"resumed from {workdir} at step {int(state['step'])} "
            f"(data iterator at batch {restored['data']['next_index']})")
+  start = int(state["step"])
+  if cfg.num_steps < start:
+    raise ValueError(f"--config.num_steps={cfg.num_steps} is below the step of the checkpoint "
+                     f"in {workdir} ({start}): set it to {start} or more")
+  if lead:  # compatible and restored: now the workdir may be written
+    workdir_lib.write_text(os.path.join(workdir, "config.json"), cfg.to_json(indent=2))
+  log = workdir_lib.MetricsLog(workdir, start, enabled=lead)
 
-  step_fn = make_step(setup, mesh, shardings)
+  skip = cfg.get("skip_nonfinite", False)
+  step_fn = make_step(setup, mesh, shardings, skip_nonfinite=skip)
+  skipped = [] if skip else None
   ds = pipeline.train_dataset(
       task.train_src, batch_size=cfg.batch_size, seed=cfg.seed, transform=task.transform(),
       process_index=jax.process_index(), process_count=jax.process_count())
-  start = int(state["step"])
   batches = iter(ds[start:].to_iter_dataset(
       grain.ReadOptions(num_threads=cfg.data_threads, prefetch_buffer_size=4)))
 
-  # SIGTERM (preemption) or a first Ctrl-C: checkpoint and exit at the next step; a second
-  # Ctrl-C interrupts at once.
+  # SIGTERM (preemption) or a first Ctrl-C: checkpoint and exit at the next step. The
+  # handler stays until the last checkpoint is complete, so a second SIGTERM changes
+  # nothing; a second Ctrl-C interrupts at once.
   preempted = threading.Event()
 
   def on_signal(signum, _):
@@ -182,44 +287,69 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
       return {}
     return task.evaluate(sharding.host_params(state["params"], mesh), eval_data(), names)
 
-  if start == 0 and cfg.eval_at_init:
-    init_eval = evaluate(cfg.evaluators)
-    _log(workdir, {"step": 0, "phase": "eval", **init_eval})
-  bar = tqdm.tqdm(total=cfg.num_steps, initial=start, desc="train", unit="step",
-                  disable=jax.process_index() != 0 or not cfg.progress, dynamic_ncols=True)
-  t_last, n_last = time.perf_counter(), start
+  def save():
+    checkpointing.save(mngr, state, {"next_index": int(state["step"]), "seed": cfg.seed})
+
+  bar = None
   try:
+    if start == 0 and cfg.eval_at_init:
+      init_eval = evaluate(cfg.evaluators)
+      log.write({"step": 0, "phase": "eval", **init_eval})
+    bar = tqdm.tqdm(total=cfg.num_steps, initial=start, desc="train", unit="step",
+                    disable=not lead or not cfg.progress, dynamic_ncols=True)
+    t_last, n_last = time.perf_counter(), start
+    pending = None  # the last step's logs, checked one step late: the device stays busy
     for step in range(start, cfg.num_steps):
       if stop_at is not None and step >= stop_at:
         preempted.set()
       if preempted.is_set():
         break
+      if lock.lost.is_set():
+        raise workdir_lib.WorkdirError(f"another trainer took the lock of {workdir}: "
+                                       "stopped without writing")
       local = next(batches)
       batch = {k: jax.make_array_from_process_local_data(data_sharding, local[k])
                for k in task.batch_keys}
       state, logs = step_fn(state, batch)
+      if pending is not None:
+        _check_finite(*pending, skipped)
       done = step + 1
+      pending = (done, logs)
       if done % cfg.log_every == 0 or done == cfg.num_steps:
+        _check_finite(*pending, skipped)
+        pending = None
         logs = jax.device_get(logs)
         now = time.perf_counter()
         rate = (done - n_last) * cfg.batch_size / (now - t_last)
         t_last, n_last = now, done
         record = {"step": done, "phase": "train", "lr": float(setup.schedule(done)),
-                  "examples_per_s": rate, **{k: float(v) for k, v in logs.items()}}
-        _log(workdir, record)
+                  "examples_per_s": rate,
+                  **{k: float(v) for k, v in logs.items() if k != "finite"}}
+        if skip:
+          record["skipped_steps"] = len(skipped)
+        log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{rate:.0f}")
       bar.update(1)
       if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.num_steps:
-        _log(workdir, {"step": done, "phase": "eval", **evaluate(cfg.evaluators)})
+        log.write({"step": done, "phase": "eval", **evaluate(cfg.evaluators)})
       if done % cfg.checkpoint_every == 0:
-        checkpointing.save(mngr, state, {"next_index": done, "seed": cfg.seed})
+        if pending is not None:
+          _check_finite(*pending, skipped)
+          pending = None
+        save()
+    if pending is not None:
+      _check_finite(*pending, skipped)
+    save()
+    mngr.wait_until_finished()
   finally:
-    bar.close()
+    if bar is not None:
+      bar.close()
+    mngr.wait_until_finished()  # a good checkpoint in flight is completed, whatever stopped us
+    mngr.close()
     for signum, handler in old_handlers.items():
       signal.signal(signum, handler)
-  checkpointing.save(mngr, state, {"next_index": int(state["step"]), "seed": cfg.seed})
-  mngr.wait_until_finished()
-  mngr.close()
+  if skip and skipped:
+    _print(f"warning: skipped {len(skipped)} non-finite step(s), the first at step {skipped[0]}")
   if preempted.is_set():
     _print(f"stopped: checkpoint saved at step {int(state['step'])} in {workdir}; "
            "run the same command to resume")
@@ -228,27 +358,34 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   result = {"step": int(state["step"]), **evaluate(cfg.final_evaluators)}
   if start == 0 and cfg.eval_at_init:
     result["random_init"] = init_eval
-  _log(workdir, {"phase": "final", **result})
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "final_eval.json"), "w") as f:
-      json.dump(result, f, indent=2)
+  log.write({"phase": "final", **result})
+  if lead:
+    workdir_lib.write_json(os.path.join(workdir, "final_eval.json"), result)
   return result
 
 
 def restore_for_eval(workdir: str, step: Optional[int] = None):
   """(config, restored state, task) of a workdir, onto this host's first device,
-  whatever process count or mesh wrote the checkpoint."""
+  whatever process count or mesh wrote the checkpoint. Without `step`, the newest
+  checkpoint that passes the restore checks (others are reported, not moved)."""
   cfg = checkpointing.load_config(workdir)
   setup = build(cfg)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           jax.eval_shape(setup.init))
   mngr = checkpointing.manager(workdir, cfg.keep_checkpoints)
-  step = mngr.latest_step() if step is None else step
-  if step is None:
+  steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
+  if not steps:
     raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-  state = checkpointing.restore(mngr, abstract, step, with_data=False)["state"]
-  return cfg, state, setup.task
+  errors = []
+  for s in steps:
+    try:
+      return cfg, checkpointing.restore(mngr, abstract, s)["state"], setup.task
+    except checkpointing.CheckpointError as e:
+      errors.append(str(e))
+      if s != steps[-1]:
+        print(f"warning: {e}: trying an older checkpoint", file=sys.stderr)
+  raise checkpointing.CheckpointError("; ".join(errors))
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.",
@@ -266,11 +403,18 @@ def main(argv):
              "--config configs/mnist_gamma.py --workdir runs/mnist_gamma")
   try:
     result = train_and_evaluate(_CONFIG.value, _WORKDIR.value, stop_at=_STOP_AT.value)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, FloatingPointError, workdir_lib.WorkdirError,
+          checkpointing.CheckpointError) as e:
     sys.exit(f"error: {e}")
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    # A collective failed because a peer died: JAX's shutdown would then abort with a
+    # thread dump while it waits for the dead peer at exit.
+    sharding.exit_peer_lost(str(e))
   if jax.process_index() != 0:
     return
-  print(json.dumps(result))
+  print(json.dumps(workdir_lib.finite_json(result)))
   if "knn_top1" in result and "knn_top1" in result.get("random_init", {}):
     linear = (f" (linear probe: {100 * result['linear_top1']:.1f} %)"
               if "linear_top1" in result else "")
@@ -278,8 +422,24 @@ def main(argv):
           f"{100 * result['random_init']['knn_top1']:.1f} %{linear}")
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a one-line error (and the nearest name, which
+  ml_collections suggests) for a bad --config override instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {e}")
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    text = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ")
+    suggestion = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+    if suggestion:
+      sys.exit(f"error: the config has no field {suggestion.group(2)!r}: did you mean "
+               f"--config.{suggestion.group(1)}?")
+    sys.exit(f"error: bad flag: {' '.join(text.split())}")
+
+
 def cli():
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
