@@ -6,8 +6,11 @@
 import argparse
 import json
 import os
+import sys
 
+from contrastive_jax import checkpointing
 from contrastive_jax import train
+from contrastive_jax import workdir
 
 
 def main(argv=None) -> dict:
@@ -17,15 +20,16 @@ def main(argv=None) -> dict:
   parser.add_argument("--evaluators", default=None,
                       help="comma-separated evaluators (default: the config's final_evaluators)")
   args = parser.parse_args(argv)
-  cfg, state, task = train.restore_for_eval(args.workdir, args.step)
+  try:
+    cfg, state, task = train.restore_for_eval(args.workdir, args.step)
+  except (FileNotFoundError, ValueError, checkpointing.CheckpointError) as e:
+    sys.exit(f"error: {e}")
   names = args.evaluators or cfg.final_evaluators
   result = {"step": int(state["step"]),
             **task.evaluate(state["params"], task.eval_data(cfg.eval_limit), names)}
   path = os.path.join(args.workdir, f"eval_{result['step']}.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(result, f, indent=2)
-  os.replace(path + ".tmp", path)
-  print(json.dumps(result))
+  workdir.write_json(path, result)
+  print(json.dumps(workdir.finite_json(result)))
   print(f"wrote {path}")
   return result
 

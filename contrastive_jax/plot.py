@@ -32,7 +32,9 @@ def plot_curves(records: Sequence[dict], path: str,
   keys = [k for k in keys if any(k in r for r in records)]
   fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
   for ax, key in zip(axes[0], keys):
-    pts = [(r["step"], r[key]) for r in records if key in r and "step" in r]
+    # null (a non-finite value) is drawn as a gap
+    pts = [(r["step"], np.nan if r[key] is None else r[key])
+           for r in records if key in r and "step" in r]
     ax.plot(*zip(*pts), marker="o" if key == "knn_top1" else None, markersize=3)
     ax.set_xlabel("step")
     ax.set_title(key)

@@ -8,6 +8,8 @@ sharded over "fsdp" (GSPMD gathers them where the model needs them).
 
 import os
 import sys
+import threading
+import time
 from typing import Optional, Sequence
 
 import jax
@@ -32,12 +34,68 @@ def initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
   num = d.num_processes if d.num_processes is not None else env("JAX_NUM_PROCESSES")
   pid = d.process_id if d.process_id is not None else env("JAX_PROCESS_ID")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend only
-  # Recoverable: a dead peer fails the collectives of the others (an error this process
-  # reports in one line, `exit_peer_lost`) instead of aborting them with a thread dump.
-  jax.config.update("jax_enable_recoverability", True)
+  # A dead peer fails the next collective of the others (`train.main` reports it in one
+  # line), and the watchdog catches the rest, both before JAX's own heartbeat check
+  # would abort the process with a thread dump.
   jax.distributed.initialize(d.coordinator_address, num, pid,
                              initialization_timeout=d.timeout_s,
                              heartbeat_timeout_seconds=d.get("heartbeat_timeout_s", 100))
+  _start_peer_watchdog(max(1.0, d.get("heartbeat_timeout_s", 100) / 2))
+
+
+_WATCHDOG_DONE = threading.Event()
+_finish_watchdog = lambda: None
+
+
+def finish_peer_watchdog() -> None:
+  """Tells the other processes' watchdogs that this one ends normally."""
+  _finish_watchdog()
+
+
+def _start_peer_watchdog(timeout_s: float, beat_s: float = 0.5) -> None:
+  """Each process bumps a counter in JAX's distributed key-value store every beat_s
+  and watches the others'; a counter that stops moving for timeout_s means its
+  process died: exit with one line (`exit_peer_lost`). Counters, not clocks, so
+  hosts' clock skew does not matter. Uses JAX's (private) distributed client; if
+  that changes, there is no watchdog and JAX's own heartbeat check remains."""
+  try:
+    from jax._src import distributed as jax_distributed
+    client = jax_distributed.global_state.client
+    client.key_value_set, client.key_value_try_get  # noqa: B018 (API check)
+  except (ImportError, AttributeError):
+    return
+  me, n = jax.process_index(), jax.process_count()
+  global _finish_watchdog
+
+  def finish():  # a process that ends normally says so: its silence is not a death
+    _WATCHDOG_DONE.set()
+    client.key_value_set(f"contrastive_jax/alive/{me}", "done", allow_overwrite=True)
+  _finish_watchdog = finish
+
+  def run():
+    last = {p: (None, time.monotonic()) for p in range(n) if p != me}
+    beat = 0
+    while not _WATCHDOG_DONE.is_set():
+      beat += 1
+      try:
+        client.key_value_set(f"contrastive_jax/alive/{me}", str(beat), allow_overwrite=True)
+        for p, (seen, since) in last.items():
+          try:
+            value = client.key_value_try_get(f"contrastive_jax/alive/{p}")
+          except Exception:  # not written yet
+            value = None
+          now = time.monotonic()
+          if value == "done" or _WATCHDOG_DONE.is_set():
+            continue
+          if value != seen:
+            last[p] = (value, now)
+          elif now - since > timeout_s:
+            exit_peer_lost(f"process {p} gave no sign of life for {timeout_s:.0f} s")
+      except Exception as e:  # the coordination service (process 0) is gone
+        exit_peer_lost(f"the coordinator cannot be reached: {e}")
+      time.sleep(beat_s)
+
+  threading.Thread(target=run, daemon=True, name="peer-watchdog").start()
 
 
 def exit_peer_lost(reason: str) -> None:

@@ -405,6 +405,7 @@ def main(argv):
     result = train_and_evaluate(_CONFIG.value, _WORKDIR.value, stop_at=_STOP_AT.value)
   except (ValueError, FileNotFoundError, FloatingPointError, workdir_lib.WorkdirError,
           checkpointing.CheckpointError) as e:
+    sharding.finish_peer_watchdog()
     sys.exit(f"error: {e}")
   except jax.errors.JaxRuntimeError as e:
     if jax.process_count() == 1:
@@ -412,6 +413,7 @@ def main(argv):
     # A collective failed because a peer died: JAX's shutdown would then abort with a
     # thread dump while it waits for the dead peer at exit.
     sharding.exit_peer_lost(str(e))
+  sharding.finish_peer_watchdog()
   if jax.process_index() != 0:
     return
   print(json.dumps(workdir_lib.finite_json(result)))

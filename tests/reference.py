@@ -77,20 +77,21 @@ def ema(old, new, rate):
 
 
 def sogclr(z1, z2, log_u, index, t, gamma, weights=None):
-  """Returns (surrogate loss, new table, weights); `weights` fixed -> the stop-grad surrogate."""
+  """Returns (surrogate loss, new table, weights); `weights` fixed -> the stop-grad surrogate.
+
+  Surrogate: mean_k [ -s+ + r_k log Zb_k ] with r_k = Zb_k / u_k held fixed, whose
+  gradient is SogCLR's -grad s+ + mean_j exp(s_kj) / u_k grad s_kj.
+  """
   s, pos = two_view(z1, z2, t)
   b = len(z1)
-  log_zb = neg_log_mean(s, pos).reshape(2, b)
+  log_zb = neg_log_mean(s, pos)
   table = log_u.copy()
-  table[:, index] = ema(table[:, index], log_zb, gamma)
+  table[:, index] = ema(table[:, index], log_zb.reshape(2, b), gamma)
   lu = table[:, index].reshape(-1)
   if weights is None:
-    weights = np.exp(s - lu[:, None])
+    weights = np.exp(log_zb - lu)
   n = len(s)
-  total = 0.0
-  for k in range(n):
-    negs = [j for j in range(n) if j not in (k, pos[k])]
-    total += -s[k, pos[k]] + np.mean([weights[k, j] * s[k, j] for j in negs])
+  total = sum(-s[k, pos[k]] + weights[k] * log_zb[k] for k in range(n))
   return total / n, table, weights
 
 

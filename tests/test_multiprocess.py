@@ -125,10 +125,12 @@ def test_two_processes_match_one_and_resume_on_one(loss, data_dir, tmp_path):
   assert os.path.exists(os.path.join(two, "final_eval.json"))
 
 
-@pytest.mark.parametrize("config", ["configs/captions_gamma.py", "configs/captions_albef.py"])
+@pytest.mark.parametrize("config", ["configs/captions_gamma.py"])
 def test_image_text_two_processes_match_one(config, data_dir, tmp_path):
-  """Two-tower (gamma ITC: its per-example state is updated across processes) and
-  fusion (momentum encoders, ITM hard negatives over the global batch)."""
+  """Two-tower with the gamma ITC: its per-example state is updated across processes.
+  (The fusion task's global-batch terms are checked 1 vs 8 devices in
+  test_image_text.py; its input path is this one. `--config configs/captions_albef.py`
+  in benchmarks/multiprocess.py runs it over 2 processes.)"""
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
   _train(one, data_dir, config, *IMAGE_TEXT, processes=1, devices=8)
   _train(two, data_dir, config, *IMAGE_TEXT, processes=2, devices=4)

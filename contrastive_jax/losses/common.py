@@ -15,7 +15,9 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from contrastive_jax.losses import streamed
 from contrastive_jax.metrics import l2_normalize
 
 NEG_INF = -jnp.inf
@@ -56,13 +58,56 @@ def check_positive(name: str, value) -> None:
     raise ValueError(f"{name} must be > 0, got {v}")
 
 
-def check_index(index: jax.Array, batch: int) -> None:
+def check_rate(name: str, value, allow_zero: bool = True) -> None:
+  """Raises ValueError unless a concrete `value` is in [0, 1] ((0, 1] without allow_zero)."""
+  try:
+    v = float(value)
+  except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    return
+  if not ((0.0 <= v if allow_zero else 0.0 < v) and v <= 1.0):
+    raise ValueError(f"{name} must be in {'[0' if allow_zero else '(0'}, 1], got {v}")
+
+
+def check_index(index: jax.Array, batch: int, num_examples: Optional[int] = None) -> None:
+  """Shape and dtype always; in eager calls also the values: in [0, num_examples) and
+  no index twice in one batch (an out-of-range read is clamped and its write dropped
+  by JAX, a duplicate keeps one of its writes: the state would be silently wrong).
+
+  Under `jit` the values are not concrete; wrap the call in
+  `jax.experimental.checkify.checkify(f, errors=checkify.index_checks | checkify.user_checks)`
+  with `index_checks` below, or keep the indices in range by construction (the
+  trainer's come from the grain record keys, in [0, N) and distinct in a batch).
+  """
   if not hasattr(index, "shape") or index.ndim != 1 or index.shape[0] != batch:
     raise ValueError(
         f"index must have shape [{batch}] (one dataset index per example), "
         f"got {getattr(index, 'shape', type(index).__name__)}")
   if not jnp.issubdtype(index.dtype, jnp.integer):
     raise TypeError(f"index must be an integer array, got {index.dtype}")
+  if isinstance(index, jax.core.Tracer) or num_examples is None:
+    return
+  values = np.asarray(index)
+  bad = values[(values < 0) | (values >= num_examples)]
+  if bad.size:
+    raise ValueError(f"index holds {bad.size} value(s) outside [0, {num_examples}) (the "
+                     f"state's size), e.g. {int(bad[0])}; negative indices are not allowed")
+  unique, counts = np.unique(values, return_counts=True)
+  if np.any(counts > 1):
+    raise ValueError(f"index holds duplicates in one batch, e.g. {int(unique[counts > 1][0])}: "
+                     "each example's state entry can take one update a step")
+
+
+def index_checks(index: jax.Array, num_examples: int) -> None:
+  """The value checks of `check_index` as `checkify` checks, for use under `jit`:
+
+    f = checkify.checkify(lambda ...: (index_checks(idx, N), loss_fn(...))[1])
+    err, out = jax.jit(f)(...); err.throw()
+  """
+  from jax.experimental import checkify
+  checkify.check(jnp.all((index >= 0) & (index < num_examples)),
+                 f"index outside [0, {num_examples})")
+  s = jnp.sort(index)
+  checkify.check(jnp.all(s[1:] != s[:-1]), "duplicate index in one batch")
 
 
 # ----------------------------------------------------------------------------
@@ -120,40 +165,60 @@ def cross_entropy(logits: jax.Array, positive: jax.Array) -> jax.Array:
   return jax.nn.logsumexp(logits, axis=1) - positive_logits(logits, positive)
 
 
-def two_view_logits(z1: jax.Array, z2: jax.Array, temperature, axis_name: Optional[str]):
-  """SimCLR layout: every local view of both z1 and z2 against all 2B views.
+def inverse_temperature(temperature) -> jax.Array:
+  return 1.0 / jnp.asarray(temperature, jnp.float32)
+
+
+def positive_scores(a: jax.Array, b: jax.Array, inv_t: jax.Array) -> jax.Array:
+  """inv_t * a_i . b_i of unit rows a, b [n, D] -> float32 [n]."""
+  return inv_t * jnp.sum(a.astype(jnp.float32) * b.astype(jnp.float32), axis=1)
+
+
+def two_view_lse(z1: jax.Array, z2: jax.Array, temperature, axis_name: Optional[str],
+                 exclude_positive: bool, chunk_size: Optional[int], ring: bool = False):
+  """SimCLR layout: every local view of z1 and z2 against all 2B views, streamed.
 
   Args:
-    z1, z2: [b, D] local views (b = B without axis_name).
-    axis_name: gather keys over this axis; None scores against the local views.
+    z1, z2: [b, D] raw local views (b = B without axis_name).
+    axis_name: keys of all devices over this axis; None scores against the local views.
+    exclude_positive: leave each anchor's other view out of its sum (negatives only).
+    chunk_size: see `streamed.logsumexp`.
+    ring: pass key blocks around the devices (`streamed.ring_logsumexp`) instead of
+      all-gathering them.
   Returns:
-    logits [2b, 2K] float32 with each anchor's own column set to -inf (K = B if
-    gathered, else b); keys are ordered [z1 keys; z2 keys];
-    positive [2b] int32, the column of each anchor's other view.
+    lse [2b]: log sum over each anchor's keys (never itself) of exp(s), s = cos / t;
+    pos [2b]: each anchor's positive score s_{k, p(k)};
+    num_keys: 2K, the views of the (global) batch.
   """
   b, d = z1.shape
-  keys, offset = gather_keys(jnp.stack([z1, z2]), axis_name, axis=1)  # one gather: [2, K, D]
-  k = keys.shape[1]
-  keys = keys.reshape(2 * k, d)  # z1 keys then z2 keys
-  logits = similarity(jnp.concatenate([z1, z2], 0), keys, temperature)  # [2b, 2K]
-  rows = jnp.arange(b) + offset
-  self_col = jnp.concatenate([rows, rows + k])
-  positive = jnp.concatenate([rows + k, rows]).astype(jnp.int32)
-  logits = jnp.where(jax.nn.one_hot(self_col, 2 * k, dtype=bool), NEG_INF, logits)
-  return logits, positive
+  u1, u2 = l2_normalize(z1), l2_normalize(z2)
+  inv_t = inverse_temperature(temperature)
+  n_dev = 1 if axis_name is None else jax.lax.axis_size(axis_name)
+  k = b * n_dev
+  offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * b
+  rows = jnp.arange(b, dtype=jnp.int32) + offset
+  self_col = jnp.concatenate([rows, rows + k])  # key order: z1 of all devices, then z2
+  exclude = self_col[:, None]
+  if exclude_positive:
+    exclude = jnp.stack([self_col, jnp.concatenate([rows + k, rows])], axis=1)
+  anchors = jnp.concatenate([u1, u2])
+  if ring:
+    check_ring(axis_name)
+    local = jnp.arange(b, dtype=jnp.int32)
+    lse, _ = streamed.ring_logsumexp(anchors, anchors, inv_t, exclude, axis_name=axis_name,
+                                     block_cols=jnp.concatenate([local, local + k]), stride=b)
+  else:
+    keys, _ = gather_keys(jnp.stack([u1, u2]), axis_name, axis=1)  # one gather: [2, K, D]
+    lse, _ = streamed.logsumexp(anchors, keys.reshape(2 * k, d), inv_t, exclude,
+                                chunk_size=chunk_size)
+  pos = positive_scores(u1, u2, inv_t)
+  return lse, jnp.concatenate([pos, pos]), 2 * k
 
 
-def log_mean_negatives(logits: jax.Array, positive: jax.Array, num_negatives: int,
-                       include_positive: bool = False) -> jax.Array:
-  """log( mean over negatives of exp(logits) ) per row; -inf entries are excluded.
-
-  logits [M, K], positive [M]; `num_negatives` is the count of finite non-positive
-  entries of each row. With include_positive the positive joins the mean.
-  """
-  if include_positive:
-    return jax.nn.logsumexp(logits, axis=1) - jnp.log(num_negatives + 1.0)
-  masked = jnp.where(jax.nn.one_hot(positive, logits.shape[1], dtype=bool), NEG_INF, logits)
-  return jax.nn.logsumexp(masked, axis=1) - jnp.log(float(num_negatives))
+def check_ring(axis_name: Optional[str]) -> None:
+  if axis_name is None:
+    raise ValueError("ring=True passes keys between the devices of `axis_name` inside "
+                     "shard_map: give axis_name (or use ring=False)")
 
 
 # ----------------------------------------------------------------------------
@@ -186,7 +251,10 @@ def update_table(table: jax.Array, index: jax.Array, values: jax.Array, rate,
     # Gathered as invariant: every device then holds the same (replicated) table.
     all_index = jax.lax.all_gather(index, axis_name, tiled=True, to="invarying")
     all_values = jax.lax.all_gather(values, axis_name, axis=1, tiled=True, to="invarying")
-  new_rows = ema_log(table[:, all_index], all_values, rate)
+  old_rows = table[:, all_index]
+  # A non-finite estimate (NaN or inf embeddings) never enters the table: the entry keeps
+  # its old value.
+  new_rows = jnp.where(jnp.isfinite(all_values), ema_log(old_rows, all_values, rate), old_rows)
   table = table.at[:, all_index].set(new_rows)
   return table, table[:, index]
 
@@ -200,4 +268,5 @@ def update_scalar(log_z: jax.Array, values: jax.Array, rate,
   values = jax.lax.stop_gradient(values.astype(log_z.dtype))
   log_sum = global_logsumexp(jax.nn.logsumexp(values, axis=1), axis_name)
   count = global_sum(jnp.float32(values.shape[1]), axis_name)
-  return ema_log(log_z, log_sum - jnp.log(count), rate)
+  new = log_sum - jnp.log(count)
+  return jnp.where(jnp.isfinite(new), ema_log(log_z, new, rate), log_z)

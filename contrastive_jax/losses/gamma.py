@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from contrastive_jax.losses import common
+from contrastive_jax.losses import streamed
+from contrastive_jax.metrics import l2_normalize
 
 ESTIMATORS = ("per_example", "global")
 
@@ -91,6 +93,7 @@ def _em_loss(log_zb, pos, state, index, key, shape, rate_decay, estimator, axis_
 def gamma_loss(z1: jax.Array, z2: jax.Array, state: dict, index: Optional[jax.Array],
                key: jax.Array, *, temperature, shape: float = 1.0, rate_decay=0.01,
                estimator: str = "per_example", include_positive: bool = False,
+               chunk_size: Optional[int] = None,
                axis_name: Optional[str] = None) -> tuple[jax.Array, dict]:
   """Decomposable gamma-weighted loss, SimCLR layout (2B anchors, two views).
 
@@ -117,21 +120,32 @@ def gamma_loss(z1: jax.Array, z2: jax.Array, state: dict, index: Optional[jax.Ar
       mean and the state update (B index/value pairs, or 2 scalars) cross devices.
   Returns:
     (float32 scalar loss, new state).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from contrastive_jax import losses
+    >>> z1, z2 = jax.random.normal(jax.random.key(0), (2, 8, 4))
+    >>> state = losses.init_gamma_state(100)  # one log Zhat per view and dataset example
+    >>> loss, state = losses.gamma_loss(z1, z2, state, jnp.arange(8), jax.random.key(1),
+    ...                                 temperature=0.1)
+    >>> state["log_z"].shape
+    (2, 100)
   """
   common.check_embeddings(("z1", "z2"), z1, z2)
   common.check_positive("temperature", temperature)
   _check_options(shape, rate_decay, estimator, state)
   if estimator == "per_example":
-    common.check_index(index, z1.shape[0])
-  logits, positive = common.two_view_logits(z1, z2, temperature, axis_name=None)
-  log_zb = common.log_mean_negatives(logits, positive, logits.shape[1] - 2, include_positive)
-  pos = common.positive_logits(logits, positive)
+    common.check_index(index, z1.shape[0], state["log_z"].shape[1])
+  lse, pos, n = common.two_view_lse(z1, z2, temperature, None,
+                                    exclude_positive=not include_positive, chunk_size=chunk_size)
+  log_zb = lse - jnp.log(float(n - 1 if include_positive else n - 2))
   return _em_loss(log_zb, pos, state, index, key, shape, rate_decay, estimator, axis_name)
 
 
 def gamma_clip_loss(img: jax.Array, txt: jax.Array, state: dict, index: Optional[jax.Array],
                     key: jax.Array, *, temperature, shape: float = 1.0, rate_decay=0.01,
                     estimator: str = "per_example", include_positive: bool = False,
+                    chunk_size: Optional[int] = None,
                     axis_name: Optional[str] = None) -> tuple[jax.Array, dict]:
   """Decomposable gamma-weighted loss, two-modality (CLIP) layout.
 
@@ -145,19 +159,30 @@ def gamma_clip_loss(img: jax.Array, txt: jax.Array, state: dict, index: Optional
     img, txt: [b, D] raw embeddings of paired examples. Others as `gamma_loss`.
   Returns:
     (float32 scalar loss, new state).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from contrastive_jax import losses
+    >>> img, txt = jax.random.normal(jax.random.key(0), (2, 8, 4))
+    >>> state = losses.init_gamma_state(100)
+    >>> loss, state = losses.gamma_clip_loss(img, txt, state, jnp.arange(8), jax.random.key(1),
+    ...                                      temperature=0.1)
+    >>> loss.shape
+    ()
   """
   common.check_embeddings(("img", "txt"), img, txt)
   common.check_positive("temperature", temperature)
   _check_options(shape, rate_decay, estimator, state)
   if estimator == "per_example":
-    common.check_index(index, img.shape[0])
+    common.check_index(index, img.shape[0], state["log_z"].shape[1])
   b = img.shape[0]
-  s = common.similarity(img, txt, temperature)  # [b, b] local only
-  pos = jnp.diagonal(s)
-  # Rows are image anchors, columns text anchors: reduce along each axis, no transpose.
-  masked = s if include_positive else jnp.where(jnp.eye(b, dtype=bool), common.NEG_INF, s)
-  n = b if include_positive else b - 1
-  log_zb = jnp.concatenate([jax.nn.logsumexp(masked, axis=1),
-                            jax.nn.logsumexp(masked, axis=0)]) - jnp.log(float(n))
+  u_img, u_txt = l2_normalize(img), l2_normalize(txt)
+  inv_t = common.inverse_temperature(temperature)
+  # Rows are image anchors, columns text anchors: one [b, b] local block, both reductions.
+  exclude = None if include_positive else jnp.arange(b, dtype=jnp.int32)[:, None]
+  rows, cols = streamed.logsumexp(u_img, u_txt, inv_t, exclude, cols=True,
+                                  chunk_size=chunk_size)
+  pos = common.positive_scores(u_img, u_txt, inv_t)
+  log_zb = jnp.concatenate([rows, cols]) - jnp.log(float(b if include_positive else b - 1))
   return _em_loss(log_zb, jnp.concatenate([pos, pos]), state, index, key, shape, rate_decay,
                   estimator, axis_name)

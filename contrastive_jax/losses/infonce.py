@@ -11,9 +11,12 @@ import jax
 import jax.numpy as jnp
 
 from contrastive_jax.losses import common
+from contrastive_jax.losses import streamed
+from contrastive_jax.metrics import l2_normalize
 
 
 def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature: float,
+            chunk_size: Optional[int] = None, ring: bool = False,
             axis_name: Optional[str] = None) -> jax.Array:
   """NT-Xent (Chen et al., "A Simple Framework for Contrastive Learning", ICML 2020).
 
@@ -24,19 +27,30 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature: float,
   Args:
     z1, z2: [B, D] raw embeddings of two views (local shard under `axis_name`).
     temperature: > 0.
+    chunk_size: None (automatic) or the key chunk to stream over: see `streamed`.
+    ring: inside `shard_map`, pass key blocks between neighbours (`ppermute`)
+      instead of all-gathering them: a device never holds the [2B, D] keys.
     axis_name: mesh axis to gather negatives over inside `shard_map`.
   Returns:
-    float32 scalar.
+    float32 scalar: the mean over the global batch (already averaged over devices).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from contrastive_jax import losses
+    >>> z1, z2 = jax.random.normal(jax.random.key(0), (2, 8, 4))
+    >>> loss = losses.nt_xent(z1, z2, temperature=0.1)
+    >>> bool(jnp.isclose(loss, losses.nt_xent(z1, z2, temperature=0.1, chunk_size=3)))
+    True
   """
   common.check_embeddings(("z1", "z2"), z1, z2)
   common.check_positive("temperature", temperature)
-  logits, positive = common.two_view_logits(z1, z2, temperature, axis_name)
-  total = common.global_sum(jnp.sum(common.cross_entropy(logits, positive)), axis_name)
-  n = logits.shape[1]  # 2B keys = 2B anchors over all devices
-  return total / n
+  lse, pos, n = common.two_view_lse(z1, z2, temperature, axis_name, exclude_positive=False,
+                                    chunk_size=chunk_size, ring=ring)
+  return common.global_sum(jnp.sum(lse - pos), axis_name) / n  # n = 2B anchors
 
 
 def clip_loss(img: jax.Array, txt: jax.Array, *, temperature,
+              chunk_size: Optional[int] = None, ring: bool = False,
               axis_name: Optional[str] = None) -> jax.Array:
   """Symmetric InfoNCE of CLIP (Radford et al., ICML 2021).
 
@@ -46,30 +60,56 @@ def clip_loss(img: jax.Array, txt: jax.Array, *, temperature,
   Args:
     img, txt: [B, D] raw embeddings of paired examples.
     temperature: > 0; may be a traced (learnable) scalar.
-    axis_name: mesh axis to gather negatives over inside `shard_map`.
+    chunk_size: None (automatic) or the key chunk to stream over: see `streamed`.
+    ring: inside `shard_map`, pass text-key blocks between neighbours instead of
+      gathering them (each block's column sums travel with it).
+    axis_name: mesh axis inside `shard_map`: the text keys are gathered; both
+      directions come from the one [b, B] similarity block (the text anchors'
+      log-sum-exps combine B partial sums over devices: 2B floats).
   Returns:
-    float32 scalar.
+    float32 scalar: the mean over the global batch (already averaged over devices).
+
+  Examples:
+    >>> import jax
+    >>> from contrastive_jax import losses
+    >>> img, txt = jax.random.normal(jax.random.key(0), (2, 8, 4))
+    >>> losses.clip_loss(img, txt, temperature=0.07).shape
+    ()
   """
   common.check_embeddings(("img", "txt"), img, txt)
   common.check_positive("temperature", temperature)
-  return _directional_ce(img, txt, temperature, axis_name, both=True)
+  return _directional_ce(img, txt, temperature, axis_name, both=True, chunk_size=chunk_size,
+                         ring=ring)
 
 
-def _directional_ce(anchors, keys, temperature, axis_name, both: bool):
-  """Mean CE of anchors [b, D] against all keys (and keys against anchors if both)."""
-  pairs = [(anchors, keys), (keys, anchors)] if both else [(anchors, keys)]
-  total = 0.0
-  for a, k in pairs:
+def _directional_ce(anchors, keys, temperature, axis_name, both: bool, chunk_size=None,
+                    ring: bool = False):
+  """Mean CE of anchors [b, D] against all keys (and keys against all anchors if
+  both), from one similarity block of the local anchors against every device's keys."""
+  a, k = l2_normalize(anchors), l2_normalize(keys)
+  inv_t = common.inverse_temperature(temperature)
+  b = a.shape[0]
+  pos = common.positive_scores(a, k, inv_t)
+  if ring:  # each local key's column sum comes home complete
+    common.check_ring(axis_name)
+    rows, cols = streamed.ring_logsumexp(a, k, inv_t, None, axis_name=axis_name,
+                                         block_cols=jnp.arange(b), stride=b, cols=both)
+  else:
     all_k, offset = common.gather_keys(k, axis_name)
-    logits = common.similarity(a, all_k, temperature)
-    positive = (jnp.arange(a.shape[0]) + offset).astype(jnp.int32)
-    total += jnp.sum(common.cross_entropy(logits, positive))
-  b_global = common.global_sum(jnp.float32(anchors.shape[0]), axis_name)
-  return common.global_sum(total, axis_name) / (b_global * len(pairs))
+    rows, cols = streamed.logsumexp(a, all_k, inv_t, cols=both, chunk_size=chunk_size)
+    if both:  # the local keys' columns, summed over every device's anchors
+      cols = common.global_logsumexp(cols, axis_name)
+      cols = jax.lax.dynamic_slice_in_dim(cols, offset, b)
+  total = jnp.sum(rows - pos)
+  if both:
+    total += jnp.sum(cols - pos)
+  b_global = common.global_sum(jnp.float32(b), axis_name)
+  return common.global_sum(total, axis_name) / (b_global * (2 if both else 1))
 
 
 def dcl_loss(z1: jax.Array, z2: jax.Array, *, temperature: float, weighted: bool = False,
-             sigma: float = 0.5, axis_name: Optional[str] = None) -> jax.Array:
+             sigma: float = 0.5, chunk_size: Optional[int] = None, ring: bool = False,
+             axis_name: Optional[str] = None) -> jax.Array:
   """Decoupled contrastive loss, DCL / DCLW (Yeh et al., ECCV 2022).
 
   NT-Xent with the positive removed from the denominator:
@@ -84,25 +124,31 @@ def dcl_loss(z1: jax.Array, z2: jax.Array, *, temperature: float, weighted: bool
     temperature: > 0. sigma: > 0, DCLW's von Mises-Fisher scale.
   Returns:
     float32 scalar.
+
+  Examples:
+    >>> import jax
+    >>> from contrastive_jax import losses
+    >>> z1, z2 = jax.random.normal(jax.random.key(0), (2, 8, 4))
+    >>> losses.dcl_loss(z1, z2, temperature=0.1, weighted=True).shape
+    ()
   """
   common.check_embeddings(("z1", "z2"), z1, z2)
   common.check_positive("temperature", temperature)
   common.check_positive("sigma", sigma)
-  logits, positive = common.two_view_logits(z1, z2, temperature, axis_name)
-  pos = common.positive_logits(logits, positive)
-  neg = jnp.where(jax.nn.one_hot(positive, logits.shape[1], dtype=bool), common.NEG_INF, logits)
+  lse_neg, pos, n = common.two_view_lse(z1, z2, temperature, axis_name, exclude_positive=True,
+                                        chunk_size=chunk_size, ring=ring)
   if weighted:
     cos = pos * jnp.asarray(temperature, jnp.float32)  # both directions share c_k
     e = jnp.exp(cos / sigma)
     mean_e = common.global_sum(jnp.sum(e), axis_name) / common.global_sum(
         jnp.float32(e.shape[0]), axis_name)
     pos = (2.0 - e / mean_e) * pos
-  total = common.global_sum(jnp.sum(jax.nn.logsumexp(neg, axis=1) - pos), axis_name)
-  return total / logits.shape[1]
+  return common.global_sum(jnp.sum(lse_neg - pos), axis_name) / n
 
 
 def modality_contrastive_loss(img: jax.Array, txt: jax.Array, img_aug: jax.Array,
                               txt_aug: jax.Array, *, temperature,
+                              chunk_size: Optional[int] = None, ring: bool = False,
                               axis_name: Optional[str] = None) -> jax.Array:
   """L_con of Jiang et al. (CVPR 2023): cross-modal plus in-modal InfoNCE.
 
@@ -115,21 +161,37 @@ def modality_contrastive_loss(img: jax.Array, txt: jax.Array, img_aug: jax.Array
     img, txt, img_aug, txt_aug: [B, D] raw embeddings.
   Returns:
     float32 scalar.
+
+  Examples:
+    >>> import jax
+    >>> from contrastive_jax import losses
+    >>> img, txt, img_aug, txt_aug = jax.random.normal(jax.random.key(0), (4, 8, 4))
+    >>> losses.modality_contrastive_loss(img, txt, img_aug, txt_aug, temperature=0.1).shape
+    ()
   """
   common.check_embeddings(("img", "txt", "img_aug", "txt_aug"), img, txt, img_aug, txt_aug)
   common.check_positive("temperature", temperature)
-  cross = _directional_ce(img, txt, temperature, axis_name, both=True)
-  in_img = _directional_ce(img, img_aug, temperature, axis_name, both=False)
-  in_txt = _directional_ce(txt, txt_aug, temperature, axis_name, both=False)
+  ce = lambda a, k, both: _directional_ce(a, k, temperature, axis_name, both, chunk_size, ring)
+  cross, in_img, in_txt = ce(img, txt, True), ce(img, img_aug, False), ce(txt, txt_aug, False)
   return (2.0 * cross + in_img + in_txt) / 4.0
 
 
 def infonce(anchors: jax.Array, keys: jax.Array, *, temperature,
+            chunk_size: Optional[int] = None, ring: bool = False,
             axis_name: Optional[str] = None) -> jax.Array:
-  """One-directional InfoNCE: mean_i CE(anchors_i -> keys), keys_i positive. [B, D] each."""
+  """One-directional InfoNCE: mean_i CE(anchors_i -> keys), keys_i positive. [B, D] each.
+
+  Examples:
+    >>> import jax
+    >>> from contrastive_jax import losses
+    >>> a, k = jax.random.normal(jax.random.key(0), (2, 8, 4))
+    >>> float(losses.infonce(a, a, temperature=1e-3)) < 1e-3  # each key matches itself
+    True
+  """
   common.check_embeddings(("anchors", "keys"), anchors, keys)
   common.check_positive("temperature", temperature)
-  return _directional_ce(anchors, keys, temperature, axis_name, both=False)
+  return _directional_ce(anchors, keys, temperature, axis_name, both=False,
+                         chunk_size=chunk_size, ring=ring)
 
 
 def momentum_distillation_loss(img: jax.Array, txt: jax.Array, img_m: jax.Array,
@@ -150,6 +212,13 @@ def momentum_distillation_loss(img: jax.Array, txt: jax.Array, img_m: jax.Array,
     axis_name: mesh axis to gather keys over inside `shard_map`.
   Returns:
     float32 scalar.
+
+  Examples:
+    >>> import jax
+    >>> from contrastive_jax import losses
+    >>> img, txt = jax.random.normal(jax.random.key(0), (2, 8, 4))
+    >>> losses.momentum_distillation_loss(img, txt, img, txt, temperature=0.1).shape
+    ()
   """
   common.check_embeddings(("img", "txt", "img_m", "txt_m"), img, txt, img_m, txt_m)
   common.check_positive("temperature", temperature)

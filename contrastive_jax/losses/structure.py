@@ -17,20 +17,21 @@ import jax.numpy as jnp
 
 from contrastive_jax import metrics
 from contrastive_jax.losses import common
+from contrastive_jax.losses import streamed
 from contrastive_jax.losses.infonce import infonce
 
 
-def _uniformity(z: jax.Array, t: float, axis_name: Optional[str]) -> jax.Array:
-  """metrics.uniformity of the whole batch, from local rows z [b, D] against all rows."""
-  if axis_name is None:
-    return metrics.uniformity(z, t)
+def _uniformity(z: jax.Array, t: float, axis_name: Optional[str],
+                chunk_size: Optional[int]) -> jax.Array:
+  """metrics.uniformity of the whole batch, from local rows z [b, D] against all rows,
+  streamed: -t ||x_j - x_k||^2 = 2t cos_jk - 2t for unit rows."""
   z = metrics.l2_normalize(z)
   all_z, offset = common.gather_keys(z, axis_name)
-  sq = jnp.maximum(2.0 - 2.0 * common.similarity(z, all_z, 1.0), 0.0)
-  self_mask = jax.nn.one_hot(jnp.arange(z.shape[0]) + offset, all_z.shape[0], dtype=bool)
-  local = jax.nn.logsumexp(jnp.where(self_mask, -jnp.inf, -t * sq))
+  self_col = (jnp.arange(z.shape[0], dtype=jnp.int32) + offset)[:, None]
+  rows, _ = streamed.logsumexp(z, all_z, 2.0 * t, self_col, chunk_size=chunk_size)
   n = all_z.shape[0]
-  return common.global_logsumexp(local, axis_name) - jnp.log(n * (n - 1.0))
+  local = jax.nn.logsumexp(rows)
+  return common.global_logsumexp(local, axis_name) - 2.0 * t - jnp.log(n * (n - 1.0))
 
 
 def _cos_rows(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -42,6 +43,7 @@ def _cos_rows(a: jax.Array, b: jax.Array) -> jax.Array:
 def feature_separation_loss(img: jax.Array, txt: jax.Array, img_ind: jax.Array,
                             txt_ind: jax.Array, img_ind_aug: jax.Array, txt_ind_aug: jax.Array,
                             *, temperature, uniformity_t: float = 2.0,
+                            chunk_size: Optional[int] = None,
                             axis_name: Optional[str] = None) -> jax.Array:
   """Deep feature separation: L_sep = L_ortho + L_icon + L_uni (unit weights).
 
@@ -56,18 +58,25 @@ def feature_separation_loss(img: jax.Array, txt: jax.Array, img_ind: jax.Array,
       features; img_ind_aug, txt_ind_aug: [B, D] independent features of the
       augmented views. All raw.
     temperature: > 0 for L_icon. uniformity_t: t of U.
+    chunk_size: None (automatic) or the key chunk L_icon and U stream over.
   Returns:
     float32 scalar.
+
+  Examples:
+    >>> import jax
+    >>> from contrastive_jax import losses
+    >>> xs = jax.random.normal(jax.random.key(0), (6, 8, 4))
+    >>> losses.feature_separation_loss(*xs, temperature=0.1).shape
+    ()
   """
   common.check_embeddings(("img", "txt", "img_ind", "txt_ind", "img_ind_aug", "txt_ind_aug"),
                           img, txt, img_ind, txt_ind, img_ind_aug, txt_ind_aug)
   common.check_positive("temperature", temperature)
   ortho = common.global_mean(
       jnp.mean(_cos_rows(img, img_ind) ** 2 + _cos_rows(txt, txt_ind) ** 2), axis_name)
-  icon = (infonce(img_ind, img_ind_aug, temperature=temperature, axis_name=axis_name)
-          + infonce(txt_ind, txt_ind_aug, temperature=temperature, axis_name=axis_name))
-  uni = (_uniformity(img_ind, uniformity_t, axis_name)
-         + _uniformity(txt_ind, uniformity_t, axis_name))
+  icon = sum(infonce(a, k, temperature=temperature, chunk_size=chunk_size, axis_name=axis_name)
+             for a, k in ((img_ind, img_ind_aug), (txt_ind, txt_ind_aug)))
+  uni = sum(_uniformity(x, uniformity_t, axis_name, chunk_size) for x in (img_ind, txt_ind))
   return ortho + icon + uni
 
 
@@ -88,6 +97,13 @@ def brownian_bridge_loss(img: jax.Array, txt: jax.Array, img_aug: jax.Array, *,
     key: optional PRNG key to sample t per pair.
   Returns:
     float32 scalar.
+
+  Examples:
+    >>> import jax
+    >>> from contrastive_jax import losses
+    >>> img, txt, img_aug = jax.random.normal(jax.random.key(0), (3, 8, 4))
+    >>> float(losses.brownian_bridge_loss(img, txt, img_aug)) >= 0
+    True
   """
   names, arrays = ["img", "txt", "img_aug"], [img, txt, img_aug]
   if txt_aug is not None:
@@ -131,6 +147,13 @@ def geometric_consistency_loss(img: jax.Array, txt: jax.Array, img_aug: jax.Arra
     img, txt, img_aug, txt_aug: [B, D] raw embeddings.
   Returns:
     float32 scalar.
+
+  Examples:
+    >>> import jax
+    >>> from contrastive_jax import losses
+    >>> img, txt = jax.random.normal(jax.random.key(0), (2, 8, 4))
+    >>> float(losses.geometric_consistency_loss(img, txt, img, txt)) >= 0
+    True
   """
   common.check_embeddings(("img", "txt", "img_aug", "txt_aug"), img, txt, img_aug, txt_aug,
                           min_batch=1)
