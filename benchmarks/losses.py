@@ -1,18 +1,29 @@
-"""Loss speed and communication benchmark (not a test).
+"""Memory and time of the similarity losses' default call (fwd + bwd) against the
+bare matmuls they need, from B = 1024 to 65536.
 
-For B in {256, 1024, 4096} and D = 128 it times fwd+bwd of every loss on one
-device, divides by a matmul lower bound (the two similarity-sized products the
-loss cannot avoid: S = A K^T and dA = G K, with A, K of the loss's anchor/key
-sizes) and by optax.losses.ntxent on the same inputs, all measured in this run.
-It then compiles each loss sharded over 8 devices and reads the bytes its
-collectives move per step off the HLO. The last line printed is JSON.
+  python benchmarks/losses.py [--sizes 1024,4096,8192] [--losses nt_xent,gamma_loss]
+                              [--time_up_to 16384] [--out benchmarks/results/losses.json]
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/losses.py [--sizes 256,1024]
+For each loss and batch size B (D = 128, float32, one device):
+  * memory: XLA's memory analysis of the compiled fwd + bwd (temp + output + arguments);
+  * time: median wall time of fwd + bwd (jitted, after a warm-up);
+  * bound: the three products a similarity loss cannot avoid at its sizes, timed
+    in the same run: S = A K^T, dA = G K, dK = G^T A (A [M, D], K [K, D], G [M, K]);
+    a streamed call also recomputes S, so its bound is four products (`bound4`).
+The ratio is time / bound of the path the default call takes (direct while
+M x K <= streamed.DIRECT_MAX_ELEMENTS, else streamed). Sizes above --time_up_to
+are compiled for memory but not timed (a B = 65536 nt_xent step is ~10^13 flops).
+
+Then, sharded over 8 (simulated) devices at --comm_batch, the bytes each loss's
+compiled fwd + bwd moves between devices, per collective kind: all-gather of the
+keys vs the ring (`ring=True`: key blocks passed with ppermute), and the gamma
+losses (local negatives). The last line is JSON.
 """
 
 import argparse
 import json
 import os
+import statistics
 import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -20,112 +31,128 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from contrastive_jax import hlo  # noqa: E402
 from contrastive_jax import losses as L  # noqa: E402
-from contrastive_jax.hlo import collective_bytes as hlo_collective_bytes  # noqa: E402
+from contrastive_jax.losses import streamed  # noqa: E402
 
 D, T = 128, 0.1
 
 
-def loss_fns(n_examples):
-  """name -> (fn(z1, z2, idx, key) -> scalar, rows of the similarity matrix per side)."""
-  sog, gam = L.init_sogclr_state(n_examples), L.init_gamma_state(n_examples)
-  return {
-      "nt_xent": (lambda a, b, i, k, ax=None: L.nt_xent(a, b, temperature=T, axis_name=ax), 2),
-      "clip": (lambda a, b, i, k, ax=None: L.clip_loss(a, b, temperature=T, axis_name=ax), 1),
-      "sigmoid": (lambda a, b, i, k, ax=None: L.sigmoid_loss(
-          a, b, temperature=T, bias=-10.0, axis_name=ax), 1),
-      "dcl": (lambda a, b, i, k, ax=None: L.dcl_loss(a, b, temperature=T, axis_name=ax), 2),
-      "sogclr": (lambda a, b, i, k, ax=None: L.sogclr_loss(
-          a, b, sog, i, temperature=T, axis_name=ax)[0], 2),
-      "gamma": (lambda a, b, i, k, ax=None: L.gamma_loss(
-          a, b, gam, i, k, temperature=T, axis_name=ax)[0], 2),
-      "gamma_global": (lambda a, b, i, k, ax=None: L.gamma_loss(
-          a, b, L.init_gamma_state(estimator="global"), i, k, temperature=T, estimator="global",
-          axis_name=ax)[0], 2),
-      "gamma_clip": (lambda a, b, i, k, ax=None: L.gamma_clip_loss(
-          a, b, gam, i, k, temperature=T, axis_name=ax)[0], 1),
-  }
+def loss_and_args(name: str, b: int):
+  """(fn(*args) -> scalar, args, (M, K) of its similarity matrix)."""
+  key = jax.random.key(0)
+  x, y = jax.random.normal(key, (2, b, D), jnp.float32)
+  if name == "nt_xent":
+    return (lambda x, y: L.nt_xent(x, y, temperature=T)), (x, y), (2 * b, 2 * b)
+  if name == "clip_loss":
+    return (lambda x, y: L.clip_loss(x, y, temperature=T)), (x, y), (b, b)
+  if name == "sigmoid_loss":
+    return (lambda x, y: L.sigmoid_loss(x, y, temperature=T, bias=-10.0)), (x, y), (b, b)
+  if name == "gamma_loss":
+    state, idx = L.init_gamma_state(b), jnp.arange(b)
+    fn = lambda x, y: L.gamma_loss(x, y, state, idx, jax.random.key(1), temperature=T)[0]
+    return fn, (x, y), (2 * b, 2 * b)
+  raise ValueError(f"unknown loss {name!r}")
 
 
-def timeit(f, *args, reps=5):
-  jax.block_until_ready(f(*args))  # compile + warm up
+def timed(fn, args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))  # compile + warm up
   times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
 
 
-def matmul_bound(rows, reps):
-  """Seconds for S = A K^T and dA = S K with A, K [rows, D]."""
-  a, k = jax.random.normal(jax.random.key(0), (2, rows, D))
-  f = jax.jit(lambda a, k: (a @ k.T) @ k)
-  return timeit(f, a, k, reps=reps)
+def bound(m: int, k: int, repeats: int, products: int = 3) -> float:
+  """Seconds of S = A K^T, dA = G K, dK = G^T A (+ S again for products = 4)."""
+  key = jax.random.key(2)
+  a, kk = jax.random.normal(key, (2, max(m, k), D), jnp.float32)
+  a, kk = a[:m], kk[:k]
+  g = jax.random.normal(key, (m, k), jnp.float32)
+
+  @jax.jit
+  def three(a, kk, g):
+    s = a @ kk.T
+    outs = (s, g @ kk, g.T @ a)
+    return outs + ((a * 1.0001) @ kk.T,) if products == 4 else outs
+  return timed(three, (a, kk, g), repeats)
 
 
-def collective_bytes(fn, b, n_examples):
-  """Bytes in the results of each collective kind of fwd+bwd sharded over all devices."""
+def communication(b: int) -> dict:
+  """{loss: {collective kind: bytes}} of fwd + bwd sharded over all devices."""
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-  f = jax.shard_map(lambda a, c, i, k: fn(a, c, i, k, "data"), mesh=mesh,
-                    in_specs=(P("data"), P("data"), P("data"), P()), out_specs=P())
-  g = jax.grad(f, (0, 1))
-  z = jnp.zeros((b, D))
-  hlo = jax.jit(g).lower(z, z, jnp.arange(b) % n_examples, jax.random.key(0)).compile().as_text()
-  return hlo_collective_bytes(hlo)
+  x, y = jax.random.normal(jax.random.key(0), (2, b, D), jnp.float32)
+  idx = jnp.arange(b)
+  gam = L.init_gamma_state(b)
+  fns = {
+      "nt_xent": lambda x, y, i: L.nt_xent(x, y, temperature=T, axis_name="data"),
+      "nt_xent ring": lambda x, y, i: L.nt_xent(x, y, temperature=T, ring=True,
+                                                 axis_name="data"),
+      "clip_loss": lambda x, y, i: L.clip_loss(x, y, temperature=T, axis_name="data"),
+      "clip_loss ring": lambda x, y, i: L.clip_loss(x, y, temperature=T, ring=True,
+                                                    axis_name="data"),
+      "gamma_loss": lambda x, y, i: L.gamma_loss(x, y, gam, i, jax.random.key(1),
+                                                 temperature=T, axis_name="data")[0],
+  }
+  out = {}
+  for name, fn in fns.items():
+    sharded = jax.shard_map(fn, mesh=mesh, in_specs=(P("data"),) * 3, out_specs=P())
+    text = jax.jit(jax.grad(sharded, (0, 1))).lower(x, y, idx).compile().as_text()
+    out[name] = hlo.collective_bytes(text)
+  return out
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sizes", default="256,1024,4096")
-  parser.add_argument("--reps", type=int, default=5)
-  parser.add_argument("--optax_max_gb", type=float, default=4.0)
-  args = parser.parse_args()
-  sizes = [int(s) for s in args.sizes.split(",")]
-  n_examples = 100_000
-  results = {"device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
-             "D": D, "timing": {}, "bytes_8_devices": {}}
-  print(f"fwd+bwd on one {results['device']} device, D = {D}; ratios measured in this run")
-  print(f"{'B':>6} {'loss':>13} {'ms':>9} {'/ matmul':>9} {'/ optax':>8}")
-  for b in sizes:
-    key = jax.random.key(b)
-    z1, z2 = jax.random.normal(key, (2, b, D))
-    idx = jnp.arange(b)
-    labels = jnp.concatenate([idx, idx])
-    bounds = {1: matmul_bound(b, args.reps), 2: matmul_bound(2 * b, args.reps)}
-    # optax's cosine similarity broadcasts to a [2B, 2B, D] tensor: skip it where that
-    # alone would exceed the memory limit.
-    optax_bytes = (2 * b) ** 2 * D * 4
-    if optax_bytes <= args.optax_max_gb * 2**30:
-      optax_t = timeit(jax.jit(jax.grad(lambda a, c: optax.losses.ntxent(
-          jnp.concatenate([a, c]), labels, T), (0, 1))), z1, z2, reps=args.reps)
-      print(f"{b:>6} {'optax.ntxent':>13} {1e3 * optax_t:>9.2f} {optax_t / bounds[2]:>9.2f} "
-            f"{1.0:>8.2f}")
-    else:
-      optax_t = float("nan")
-      print(f"{b:>6} {'optax.ntxent':>13}   skipped: its [2B, 2B, D] intermediate needs "
-            f"{optax_bytes / 2**30:.0f} GiB")
-    row = {"optax_ntxent_ms": 1e3 * optax_t, "matmul_bound_ms": 1e3 * bounds[2]}
-    for name, (fn, side) in loss_fns(n_examples).items():
-      t = timeit(jax.jit(jax.grad(lambda a, c: fn(a, c, idx, key), (0, 1))), z1, z2,
-                 reps=args.reps)
-      row[name] = {"ms": 1e3 * t, "vs_matmul": t / bounds[side], "vs_optax": t / optax_t}
-      print(f"{b:>6} {name:>13} {1e3 * t:>9.2f} {t / bounds[side]:>9.2f} {t / optax_t:>8.2f}")
-    results["timing"][b] = row
-  b = 1024
-  print(f"\nbytes moved between {jax.device_count()} devices per fwd+bwd step, global B = {b}, "
-        f"D = {D} (sum of collective result sizes in the compiled HLO)")
-  print(f"{'loss':>13} {'all-gather':>11} {'all-reduce':>11} {'other':>8}")
-  for name, (fn, _) in loss_fns(n_examples).items():
-    moved = collective_bytes(fn, b, n_examples)
-    results["bytes_8_devices"][name] = moved
-    other = sum(v for k, v in moved.items() if k not in ("all-gather", "all-reduce"))
-    print(f"{name:>13} {moved.get('all-gather', 0):>11} {moved.get('all-reduce', 0):>11} "
-          f"{other:>8}")
-  print(json.dumps(results, allow_nan=True))
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--sizes", default="1024,4096,8192,16384,65536")
+  p.add_argument("--losses", default="nt_xent,clip_loss,sigmoid_loss,gamma_loss")
+  p.add_argument("--time_up_to", type=int, default=16384)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--comm_batch", type=int, default=4096)
+  p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                               "losses.json"))
+  args = p.parse_args()
+  rows = []
+  print(f"{jax.devices()[0].device_kind}, D = {D}, fwd + bwd, default call")
+  print(f"{'loss':>13} {'B':>6} {'path':>14} {'GiB':>7} {'time s':>8} {'bound s':>8} "
+        f"{'ratio':>6}")
+  for b in map(int, args.sizes.split(",")):
+    for name in args.losses.split(","):
+      fn, xs, (m, k) = loss_and_args(name, b)
+      grad = jax.jit(jax.value_and_grad(fn, (0, 1)))
+      mem = grad.lower(*xs).compile().memory_analysis()
+      gib = (mem.temp_size_in_bytes + mem.output_size_in_bytes
+             + mem.argument_size_in_bytes) / 2**30
+      chunk = streamed.choose_chunk(m, k, None)
+      path = "direct" if chunk is None else f"streamed/{chunk}"
+      row = dict(loss=name, B=b, path=path, memory_gib=round(gib, 3))
+      if b <= args.time_up_to:
+        reps = args.repeats if b <= 8192 else 1
+        row["time_s"] = timed(grad, xs, reps)
+        row["bound_s"] = bound(m, k, reps, products=3 if chunk is None else 4)
+        row["bound"] = "3 products" if chunk is None else "4 products"
+        row["ratio"] = row["time_s"] / row["bound_s"]
+      rows.append(row)
+      t = (f"{row['time_s']:8.3f} {row['bound_s']:8.3f} {row['ratio']:6.2f}"
+           if "time_s" in row else f"{'-':>8} {'-':>8} {'-':>6}")
+      print(f"{name:>13} {b:>6} {path:>14} {gib:7.2f} {t}", flush=True)
+  comm = communication(args.comm_batch)
+  print(f"\nbytes between {jax.device_count()} devices per fwd + bwd, global B = "
+        f"{args.comm_batch}, D = {D} (collective results in the compiled HLO)")
+  kinds = sorted({k for moved in comm.values() for k in moved})
+  print(f"{'loss':>15} " + " ".join(f"{k:>19}" for k in kinds))
+  for name, moved in comm.items():
+    print(f"{name:>15} " + " ".join(f"{moved.get(k, 0):>19,}" for k in kinds))
+  result = {"rows": rows, "communication": comm,
+            "max_memory_gib": max(r["memory_gib"] for r in rows)}
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=2)
+  print(json.dumps(result))
 
 
 if __name__ == "__main__":

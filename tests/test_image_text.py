@@ -116,10 +116,10 @@ def test_caption_pairs_are_two_different_captions_of_one_image():
 # the two views) on the two-view InfoNCE, which has in-modal negatives: identical captions of
 # different images make it stall near 4 here, whatever the loss.
 @pytest.mark.parametrize("loss, weights, drop", [
-    ("clip", {}, 1.0), ("clip", dict(sep=0.5, br=0.5, gc=0.05), 1.0), ("l_con", dict(br=1.0), 1.0),
-    ("gamma_clip", dict(gc=0.05), 0.5), ("nt_xent", {}, 5.0), ("sogclr", {}, 5.0),
-    ("gamma", {}, 5.0),
+    ("clip", dict(sep=0.5, br=0.5, gc=0.05), 1.0), ("l_con", dict(br=1.0), 1.0),
+    ("gamma_clip", dict(gc=0.05), 0.5), ("gamma", {}, 5.0),
     ("sigmoid", {}, 0.5)])  # pairwise sigmoid: a different objective, slower on InfoNCE
+# (plain clip, nt_xent and sogclr run the same code paths as these and as test_train.py's.)
 def test_a_few_steps_lower_the_loss(loss, weights, drop):
   r = Runner(small(loss=loss, weights=weights), jax.devices()[:1])
   logs = r.run(100)
@@ -274,7 +274,7 @@ def test_step_same_on_one_and_eight_devices(module, data_dir):
 def test_gamma_step_moves_no_embedding_between_devices(data_dir):
   """Compiled on 8 devices, the two-tower step with the gamma ITC moves only the
   (index, log-denominator) pairs and the gradient all-reduce; with clip it gathers
-  both modalities' keys."""
+  the text keys."""
   moved = {}
   b, d = 64, 32
   for module in (captions_gamma, captions_clip):
@@ -290,7 +290,8 @@ def test_gamma_step_moves_no_embedding_between_devices(data_dir):
   gathered = lambda loss: sum(n for kind, n in moved[loss] if kind == "all-gather")
   assert gathered("gamma_clip") == 4 * 3 * b, moved["gamma_clip"]  # b indices + 2 b log Z
   assert not [n for kind, n in moved["gamma_clip"] if kind == "reduce-scatter"]
-  assert gathered("clip") >= 4 * 2 * b * d, moved["clip"]  # image and text keys
+  # clip gathers the text keys; both directions come from that one block
+  assert gathered("clip") >= 4 * b * d, moved["clip"]
 
 
 def test_trainer_image_text_resumes_exactly(data_dir, tmp_path):

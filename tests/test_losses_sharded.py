@@ -143,3 +143,21 @@ def test_gamma_sharded_uses_local_negatives(mesh):
   per_device = [L.gamma_loss(z1[i * b:(i + 1) * b], z2[i * b:(i + 1) * b], state, None,
                              jax.random.key(0), **kw)[0] for i in range(N_DEV)]
   np.testing.assert_allclose(f8(z1, z2), np.mean(per_device), rtol=1e-6)
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_the_readme_recipe_for_a_shard_map_loop(check_vma, mesh):
+  """Losses return the global mean: pmean of the gradient is right on 8 devices, psum is 8x."""
+  w = jax.random.normal(jax.random.key(0), (D, 4))
+  x1, x2 = inputs(2, seed=4)
+  loss = lambda p, a, b, ax=None: L.nt_xent(a @ p, b @ p, temperature=T, axis_name=ax)
+  want = jax.grad(loss)(w, x1, x2)
+
+  def grad(reduce):
+    def step(p, a, b):
+      g = jax.grad(lambda p: loss(p, a, b, "data"))(p)
+      return reduce(g, "data")
+    return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P("data"), P("data")),
+                                 out_specs=P(), check_vma=check_vma))(w, x1, x2)
+  np.testing.assert_allclose(grad(jax.lax.pmean), want, rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(grad(jax.lax.psum), N_DEV * want, rtol=1e-4, atol=1e-6)
