@@ -163,6 +163,12 @@ def _lse_streamed_bwd(chunk, want_cols, res, g):
 _lse_streamed.defvjp(_lse_streamed_fwd, _lse_streamed_bwd)
 
 
+# Unit rows give |S| <= inv_t, so exp(S - inv_t) >= exp(-2 inv_t): no row or column sum
+# underflows to 0 in float32 while inv_t <= 40 (t >= 0.025). Then one exponential serves
+# both reductions and the backward pass; a smaller temperature takes the max-shifted path.
+FIXED_SHIFT_MAX_INV_T = 40.0
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _lse_direct(a, k, inv_t, exclude, want_cols):
   return _lse_direct_fwd(a, k, inv_t, exclude, want_cols)[0]
@@ -170,20 +176,46 @@ def _lse_direct(a, k, inv_t, exclude, want_cols):
 
 def _lse_direct_fwd(a, k, inv_t, exclude, want_cols):
   mask = _mask(exclude, jnp.arange(k.shape[0]), k.shape[0])
-  s = jnp.where(mask, -jnp.inf, _scores(a, k, inv_t))
-  rows = _lse_axis(s, 1)
-  cols = _lse_axis(s, 0) if want_cols else jnp.zeros((0,), jnp.float32)
-  return (rows, cols), (a, k, inv_t, s, rows, cols)
+  s = _scores(a, k, inv_t)
+
+  def fixed(s):  # R = exp(S - inv_t), 0 where excluded
+    e = jnp.where(mask, 0.0, jnp.exp(s - inv_t))
+    rows = inv_t + jnp.log(e @ jnp.ones((e.shape[1],), e.dtype))
+    # Column sums as a vector-matrix product: contiguous reads, unlike a column reduction.
+    cols = (inv_t + jnp.log(jnp.ones((e.shape[0],), e.dtype) @ e) if want_cols
+            else jnp.zeros((0,), jnp.float32))
+    return e, rows, cols
+
+  def shifted(s):  # R = S, -inf where excluded
+    s = jnp.where(mask, -jnp.inf, s)
+    cols = _lse_axis(s, 0) if want_cols else jnp.zeros((0,), jnp.float32)
+    return s, _lse_axis(s, 1), cols
+
+  use_fixed = inv_t <= FIXED_SHIFT_MAX_INV_T
+  r, rows, cols = jax.lax.cond(use_fixed, fixed, shifted, s)
+  return (rows, cols), (a, k, inv_t, use_fixed, r, rows, cols)
 
 
 def _lse_direct_bwd(want_cols, res, g):
-  a, k, inv_t, s, rows, cols = res
+  a, k, inv_t, use_fixed, r, rows, cols = res
   g_rows, g_cols = g
-  # exp(-inf - x) = 0 at excluded entries: no mask needed.
-  w = g_rows[:, None] * jnp.exp(s - _never(rows)[:, None])
-  if want_cols:
-    w = w + g_cols[None, :] * jnp.exp(s - _never(cols)[None, :])
-  dt = jnp.sum(jnp.where(jnp.isfinite(s), w * s, 0.0)) / inv_t
+
+  def fixed(r):  # softmax = R * exp(inv_t - lse): no exponential of a matrix
+    coef = (g_rows * jnp.exp(inv_t - _never(rows)))[:, None]
+    if want_cols:
+      coef = coef + (g_cols * jnp.exp(inv_t - _never(cols)))[None, :]
+    w = r * coef
+    s = jnp.where(r > 0, inv_t + jnp.log(jnp.where(r > 0, r, 1.0)), 0.0)
+    return w, jnp.sum(w * s)
+
+  def shifted(r):  # exp(-inf - x) = 0 at excluded entries: no mask needed
+    w = g_rows[:, None] * jnp.exp(r - _never(rows)[:, None])
+    if want_cols:
+      w = w + g_cols[None, :] * jnp.exp(r - _never(cols)[None, :])
+    return w, jnp.sum(jnp.where(jnp.isfinite(r), w * r, 0.0))
+
+  w, dt = jax.lax.cond(use_fixed, fixed, shifted, r)
+  dt = dt / inv_t
   wd = w.astype(a.dtype)
   da = jnp.einsum("mk,kd->md", wd, k, preferred_element_type=jnp.float32) * inv_t
   dk = jnp.einsum("mk,md->kd", wd, a, preferred_element_type=jnp.float32) * inv_t
@@ -276,15 +308,16 @@ def softplus_sum(a: jax.Array, k: jax.Array, inv_temperature, bias, *,
                  chunk_size: Optional[int] = None) -> jax.Array:
   """sum_ij softplus(inv_temperature * a_i . k_j + bias), float32 scalar; a [M, D], k [K, D].
 
-  The direct path is plain autodiff (XLA fuses it well); the streamed path
-  recomputes each key chunk in its backward pass.
+  The direct path is plain autodiff; the streamed path recomputes each key chunk
+  in its backward pass.
   """
   inv_t = jnp.asarray(inv_temperature, jnp.float32)
   bias = jnp.asarray(bias, jnp.float32)
   chunk = choose_chunk(a.shape[0], k.shape[0], chunk_size)
-  if chunk is None:
+  a, k, inv_t, bias = _varying_like([a, k, inv_t, bias])
+  if chunk is None:  # autodiff: XLA fuses softplus and its sigmoid backward well
     return jnp.sum(jax.nn.softplus(_scores(a, k, inv_t) + bias))
-  return _softplus_sum(*_varying_like([a, k, inv_t, bias]), chunk)
+  return _softplus_sum(a, k, inv_t, bias, chunk)
 
 
 # ----------------------------------------------------------------------------
