@@ -136,9 +136,8 @@ def train_step(state: dict, batch: dict, *, task: tasks.Task, tx: optax.Gradient
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   if skip_nonfinite:
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                             {**new_state, "step": state["step"]}, state)
-    new_state["step"] = state["step"] + 1
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    new_state = {**kept, "step": state["step"] + 1}
   return new_state, {"loss": loss, **logs, "grad_norm": grad_norm, "finite": finite}
 
 

@@ -1,11 +1,13 @@
 """Shared pieces of the contrastive losses: input checks, normalised similarities,
-cross-device gathering and the log-space running estimates of stateful losses.
+the SimCLR two-view reduction, cross-device gathering and the log-space running
+estimates of stateful losses (the similarity reductions are in `streamed`).
 
 Sharding convention. Every loss accepts `axis_name`. Inside `jax.shard_map` the
 arguments are the local shard (b = B / N rows on each of N devices):
-  * global-negative losses gather the keys over `axis_name` and score their b
-    local anchors against all B keys; their output equals the single-device
-    loss on the whole batch (value and gradient);
+  * global-negative losses gather the keys over `axis_name` (or, with ring=True,
+    pass key blocks between neighbours) and score their b local anchors against
+    all B keys; their output equals the single-device loss on the whole batch
+    (value and gradient);
   * decomposable losses (gamma) keep keys local and reduce only scalars.
 Without `axis_name` the arguments are the whole batch (plain `jit` with sharded
 inputs lets GSPMD partition the same program).
@@ -19,8 +21,6 @@ import numpy as np
 
 from contrastive_jax.losses import streamed
 from contrastive_jax.metrics import l2_normalize
-
-NEG_INF = -jnp.inf
 
 
 # ----------------------------------------------------------------------------
@@ -153,16 +153,6 @@ def global_logsumexp(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
   m = jax.lax.pmax(jax.lax.stop_gradient(x), axis_name)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   return m + jnp.log(jax.lax.psum(jnp.exp(x - m), axis_name))
-
-
-def positive_logits(logits: jax.Array, positive: jax.Array) -> jax.Array:
-  """logits [M, K] at each row's positive column [M] -> [M]."""
-  return jnp.take_along_axis(logits, positive[:, None], axis=1)[:, 0]
-
-
-def cross_entropy(logits: jax.Array, positive: jax.Array) -> jax.Array:
-  """Per-row softmax cross-entropy: logits [M, K], positive column [M] -> [M]."""
-  return jax.nn.logsumexp(logits, axis=1) - positive_logits(logits, positive)
 
 
 def inverse_temperature(temperature) -> jax.Array:

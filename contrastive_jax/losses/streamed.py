@@ -28,6 +28,10 @@ import jax.numpy as jnp
 
 DIRECT_MAX_ELEMENTS = 1 << 28  # 1 GiB of float32 similarities
 STREAM_CHUNK_ELEMENTS = 1 << 25  # elements of one streamed [M, chunk] block (128 MiB)
+# Unit rows give |S| <= inv_t, so exp(S - inv_t) >= exp(-2 inv_t): no row or column sum
+# underflows to 0 in float32 while inv_t <= 40 (t >= 0.025). Then one exponential serves
+# both reductions and the backward pass; a smaller temperature takes the max-shifted path.
+FIXED_SHIFT_MAX_INV_T = 40.0
 
 
 def choose_chunk(m: int, k: int, chunk_size: Optional[int]) -> Optional[int]:
@@ -107,21 +111,34 @@ def _lse_streamed(a, k, inv_t, exclude, chunk, want_cols):
 
 def _lse_streamed_fwd(a, k, inv_t, exclude, chunk, want_cols):
   kc, n = _chunks(k, chunk)
-  m0 = _vary(jnp.full((a.shape[0],), -jnp.inf, jnp.float32), a)
+  zero = _vary(jnp.zeros((a.shape[0],), jnp.float32), a)
+  xs = (kc, jnp.arange(n))
 
-  def body(carry, xs):
-    m, s = carry
-    k_c, i = xs
-    cols = i * chunk + jnp.arange(chunk)
-    sc = jnp.where(_mask(exclude, cols, k.shape[0]), -jnp.inf, _scores(a, k_c, inv_t))
-    m_new = jnp.maximum(m, jnp.max(sc, axis=1))
-    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-    s = s * jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf)) + jnp.sum(
-        jnp.exp(sc - m_safe[:, None]), axis=1)
-    return (m_new, s), _lse_axis(sc, 0) if want_cols else None
+  def scores(k_c, i):
+    mask = _mask(exclude, i * chunk + jnp.arange(chunk), k.shape[0])
+    return jnp.where(mask, -jnp.inf, _scores(a, k_c, inv_t))
 
-  (m, s), col = jax.lax.scan(body, (m0, jnp.zeros_like(m0)), (kc, jnp.arange(n)))
-  rows = _safe_lse(jnp.where(jnp.isfinite(m), m, 0.0), s)
+  def fixed(_):  # exp(S - inv_t) cannot underflow (see FIXED_SHIFT_MAX_INV_T): plain sums
+    def body(total, xs):
+      e = jnp.exp(scores(*xs) - inv_t)
+      col = inv_t + jnp.log(jnp.ones((e.shape[0],), e.dtype) @ e) if want_cols else None
+      return total + jnp.sum(e, axis=1), col
+    total, col = jax.lax.scan(body, zero, xs)
+    return inv_t + jnp.log(total), col
+
+  def online(_):  # running max and rescaled sum
+    def body(carry, xs):
+      m, total = carry
+      sc = scores(*xs)
+      m_new = jnp.maximum(m, jnp.max(sc, axis=1))
+      m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+      total = total * jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf)) + jnp.sum(
+          jnp.exp(sc - m_safe[:, None]), axis=1)
+      return (m_new, total), _lse_axis(sc, 0) if want_cols else None
+    (m, total), col = jax.lax.scan(body, (zero - jnp.inf, zero), xs)
+    return _safe_lse(jnp.where(jnp.isfinite(m), m, 0.0), total), col
+
+  rows, col = jax.lax.cond(inv_t <= FIXED_SHIFT_MAX_INV_T, fixed, online, None)
   cols = col.reshape(-1)[:k.shape[0]] if want_cols else jnp.zeros((0,), jnp.float32)
   return (rows, cols), (a, k, inv_t, exclude, rows, cols)
 
@@ -138,14 +155,27 @@ def _lse_streamed_bwd(chunk, want_cols, res, g):
   else:  # placeholders, unused
     col_lse = g_col = jnp.zeros((n, 1), jnp.float32)
 
+  use_fixed = inv_t <= FIXED_SHIFT_MAX_INV_T
+
   def body(carry, xs):
     da, dt = carry
     k_c, lse_c, g_c, i = xs
     cols_i = i * chunk + jnp.arange(chunk)
     sc = _scores(a, k_c, inv_t)
-    w = g_rows[:, None] * jnp.exp(sc - rows[:, None])
-    if want_cols:
-      w = w + g_c[None, :] * jnp.exp(sc - lse_c[None, :])
+
+    def fixed(sc):  # one exponential: softmax = exp(S - inv_t) * exp(inv_t - lse)
+      coef = (g_rows * jnp.exp(inv_t - rows))[:, None]
+      if want_cols:
+        coef = coef + (g_c * jnp.exp(inv_t - lse_c))[None, :]
+      return jnp.exp(sc - inv_t) * coef
+
+    def shifted(sc):
+      w = g_rows[:, None] * jnp.exp(sc - rows[:, None])
+      if want_cols:
+        w = w + g_c[None, :] * jnp.exp(sc - lse_c[None, :])
+      return w
+
+    w = jax.lax.cond(use_fixed, fixed, shifted, sc)
     w = jnp.where(_mask(exclude, cols_i, k.shape[0]), 0.0, w)
     dt = dt + jnp.sum(w * sc)
     wd = w.astype(a.dtype)
@@ -161,12 +191,6 @@ def _lse_streamed_bwd(chunk, want_cols, res, g):
 
 
 _lse_streamed.defvjp(_lse_streamed_fwd, _lse_streamed_bwd)
-
-
-# Unit rows give |S| <= inv_t, so exp(S - inv_t) >= exp(-2 inv_t): no row or column sum
-# underflows to 0 in float32 while inv_t <= 40 (t >= 0.025). Then one exponential serves
-# both reductions and the backward pass; a smaller temperature takes the max-shifted path.
-FIXED_SHIFT_MAX_INV_T = 40.0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
