@@ -185,6 +185,20 @@ def _agree(ok: bool, what: str) -> None:
       raise workdir_lib.WorkdirError(f"another process failed to {what} (see its log)")
 
 
+def _trace_step(cfg, step_fn, state, local_batch: dict, process_count: int) -> None:
+  """Traces the step (no compilation) so that a bad loss option fails before the
+  workdir is written, naming the config field when the message names an option."""
+  spec = {k: jax.ShapeDtypeStruct((v.shape[0] * process_count, *v.shape[1:]), v.dtype)
+          for k, v in local_batch.items()}
+  try:
+    jax.eval_shape(step_fn, state, spec)
+  except (ValueError, TypeError) as e:
+    options = cfg.get("loss_options", {}).get(cfg.get("loss"), {}) or {}
+    named = [k for k in options if str(e).startswith(f"{k} ")]
+    where = f"--config.loss_options.{cfg.loss}.{named[0]}: " if named else ""
+    raise ValueError(f"{where}{e}") from None
+
+
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                        stop_at: Optional[int] = None) -> dict:
   """Trains cfg.num_steps steps (resuming from workdir if it holds a checkpoint).
@@ -255,16 +269,18 @@ def _train(cfg, workdir, stop_at, setup, lock) -> dict:
   if cfg.num_steps < start:
     raise ValueError(f"--config.num_steps={cfg.num_steps} is below the step of the checkpoint "
                      f"in {workdir} ({start}): set it to {start} or more")
-  if lead:  # compatible and restored: now the workdir may be written
-    workdir_lib.write_text(os.path.join(workdir, "config.json"), cfg.to_json(indent=2))
-  log = workdir_lib.MetricsLog(workdir, start, enabled=lead)
-
   skip = cfg.get("skip_nonfinite", False)
   step_fn = make_step(setup, mesh, shardings, skip_nonfinite=skip)
-  skipped = [] if skip else None
   ds = pipeline.train_dataset(
       task.train_src, batch_size=cfg.batch_size, seed=cfg.seed, transform=task.transform(),
       process_index=jax.process_index(), process_count=jax.process_count())
+  first = ds[start]
+  _trace_step(cfg, step_fn, state, {k: first[k] for k in task.batch_keys}, jax.process_count())
+
+  if lead:  # compatible, restored and traced: now the workdir may be written
+    workdir_lib.write_text(os.path.join(workdir, "config.json"), cfg.to_json(indent=2))
+  log = workdir_lib.MetricsLog(workdir, start, enabled=lead)
+  skipped = [] if skip else None
   batches = iter(ds[start:].to_iter_dataset(
       grain.ReadOptions(num_threads=cfg.data_threads, prefetch_buffer_size=4)))
 

@@ -335,6 +335,8 @@ def _env(devices=2):
     (["--config.learning_rate=nan"], "--config.learning_rate=nan: must be a finite number"),
     (["--config.loss=infonce2"], "unknown loss 'infonce2'"),
     (["--workdir=/proc/no/such"], "workdir /proc/no/such is not writable"),
+    (["--config.loss=sogclr", "--config.loss_options.sogclr.gamma=1.5"],
+     "--config.loss_options.sogclr.gamma: gamma must be in (0, 1], got 1.5"),
 ])
 def test_bad_settings_are_one_line_errors(flags, message, data_dir, tmp_path):
   proc = subprocess.run(_cli(tmp_path / "w", data_dir, "--config.num_steps=3", *flags),
@@ -342,7 +344,8 @@ def test_bad_settings_are_one_line_errors(flags, message, data_dir, tmp_path):
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-2000:]
-  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+  for name in ("config.json", "metrics.jsonl", "final_eval.json"):  # nothing written
+    assert not os.path.exists(tmp_path / "w" / name)
 
 
 def test_a_short_run_with_a_long_warmup_trains(data_dir, tmp_path):
