@@ -163,18 +163,23 @@ class NonFiniteError(FloatingPointError):
   """The loss or the gradient norm of a step is NaN or inf."""
 
 
-def _check_finite(step: int, logs: dict, skipped: list) -> None:
-  """Raises NonFiniteError for a non-finite step, or counts it when it was skipped."""
-  if bool(jax.device_get(logs["finite"])):
-    return
-  if skipped is not None:
-    skipped.append(step)
-    return
-  loss, norm = (float(jax.device_get(logs[k])) for k in ("loss", "grad_norm"))
-  raise NonFiniteError(
-      f"step {step}: the loss is {loss} and the gradient norm {norm}; stopped without "
-      "checkpointing (the last good checkpoint is kept). Lower --config.learning_rate, check "
-      "the loss options, or set --config.skip_nonfinite=True to skip such steps")
+@jax.jit
+def _track_nonfinite(tally: jax.Array, finite: jax.Array, step: jax.Array) -> jax.Array:
+  """[first non-finite step or -1, count of non-finite steps], updated on the device so
+  that the loop never waits for a step to finish just to check it."""
+  first = jnp.where((tally[0] < 0) & ~finite, step, tally[0])
+  return jnp.stack([first, tally[1] + (~finite).astype(jnp.int32)])
+
+
+def _check_finite(tally: jax.Array, skip: bool) -> int:
+  """Raises NonFiniteError if a step was not finite (unless skipped); returns the count."""
+  first, count = (int(v) for v in jax.device_get(tally))
+  if count and not skip:
+    raise NonFiniteError(
+        f"step {first}: the loss or the gradient norm is NaN or inf; stopped without "
+        "checkpointing (the last good checkpoint is kept). Lower --config.learning_rate, check "
+        "the loss options, or set --config.skip_nonfinite=True to skip such steps")
+  return count
 
 
 def _agree(ok: bool, what: str) -> None:
@@ -280,7 +285,6 @@ def _train(cfg, workdir, stop_at, setup, lock) -> dict:
   if lead:  # compatible, restored and traced: now the workdir may be written
     workdir_lib.write_text(os.path.join(workdir, "config.json"), cfg.to_json(indent=2))
   log = workdir_lib.MetricsLog(workdir, start, enabled=lead)
-  skipped = [] if skip else None
   batches = iter(ds[start:].to_iter_dataset(
       grain.ReadOptions(num_threads=cfg.data_threads, prefetch_buffer_size=4)))
 
@@ -313,7 +317,11 @@ def _train(cfg, workdir, stop_at, setup, lock) -> dict:
     bar = tqdm.tqdm(total=cfg.num_steps, initial=start, desc="train", unit="step",
                     disable=not lead or not cfg.progress, dynamic_ncols=True)
     t_last, n_last = time.perf_counter(), start
-    pending = None  # the last step's logs, checked one step late: the device stays busy
+    # Non-finite steps are tallied on the device and read only where the host waits anyway
+    # (logging, checkpoints, the end): a state is never saved past an unread bad step.
+    tally = jax.device_put(np.array([-1, 0], np.int32),  # replicated: one per process too
+                           jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    skipped = 0
     for step in range(start, cfg.num_steps):
       if stop_at is not None and step >= stop_at:
         preempted.set()
@@ -326,13 +334,10 @@ def _train(cfg, workdir, stop_at, setup, lock) -> dict:
       batch = {k: jax.make_array_from_process_local_data(data_sharding, local[k])
                for k in task.batch_keys}
       state, logs = step_fn(state, batch)
-      if pending is not None:
-        _check_finite(*pending, skipped)
       done = step + 1
-      pending = (done, logs)
+      tally = _track_nonfinite(tally, logs["finite"], jnp.int32(done))
       if done % cfg.log_every == 0 or done == cfg.num_steps:
-        _check_finite(*pending, skipped)
-        pending = None
+        skipped = _check_finite(tally, skip)
         logs = jax.device_get(logs)
         now = time.perf_counter()
         rate = (done - n_last) * cfg.batch_size / (now - t_last)
@@ -341,19 +346,16 @@ def _train(cfg, workdir, stop_at, setup, lock) -> dict:
                   "examples_per_s": rate,
                   **{k: float(v) for k, v in logs.items() if k != "finite"}}
         if skip:
-          record["skipped_steps"] = len(skipped)
+          record["skipped_steps"] = skipped
         log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{rate:.0f}")
       bar.update(1)
       if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.num_steps:
         log.write({"step": done, "phase": "eval", **evaluate(cfg.evaluators)})
       if done % cfg.checkpoint_every == 0:
-        if pending is not None:
-          _check_finite(*pending, skipped)
-          pending = None
+        skipped = _check_finite(tally, skip)
         save()
-    if pending is not None:
-      _check_finite(*pending, skipped)
+    skipped = _check_finite(tally, skip)
     save()
     mngr.wait_until_finished()
   finally:
@@ -363,8 +365,9 @@ def _train(cfg, workdir, stop_at, setup, lock) -> dict:
     mngr.close()
     for signum, handler in old_handlers.items():
       signal.signal(signum, handler)
-  if skip and skipped:
-    _print(f"warning: skipped {len(skipped)} non-finite step(s), the first at step {skipped[0]}")
+  if skipped:
+    _print(f"warning: skipped {skipped} non-finite step(s), the first at step "
+           f"{int(jax.device_get(tally)[0])}")
   if preempted.is_set():
     _print(f"stopped: checkpoint saved at step {int(state['step'])} in {workdir}; "
            "run the same command to resume")
