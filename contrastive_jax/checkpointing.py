@@ -119,8 +119,7 @@ def save(mngr: ocp.CheckpointManager, state: dict, data_state: dict) -> None:
       data=ocp.args.JsonSave({**data_state, "fingerprints": fingerprints})))
 
 
-def restore(mngr: ocp.CheckpointManager, abstract_state, step: Optional[int] = None,
-            with_data: bool = True) -> dict:
+def restore(mngr: ocp.CheckpointManager, abstract_state, step: Optional[int] = None) -> dict:
   """{"state": ..., "data": ...} of `step` (default latest) onto the shardings that
   `abstract_state` (a tree of jax.ShapeDtypeStruct) carries: a checkpoint written by
   any process count or mesh restores onto this one. Raises CheckpointError unless
@@ -151,7 +150,7 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: Optional[int] = N
     changed = [k for k in fingerprints if recorded.get(k) != fingerprints[k]]
     raise CheckpointError(f"step {step}: the bytes of {', '.join(changed[:3])}"
                           f"{' ...' if len(changed) > 3 else ''} changed since they were saved")
-  return {"state": state, "data": data} if with_data else {"state": state}
+  return {"state": state, "data": data}
 
 
 def restore_newest_good(workdir: str, mngr: ocp.CheckpointManager, abstract_state,
