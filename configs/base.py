@@ -44,7 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
   # A step with a non-finite loss or gradient norm stops the run (nothing is checkpointed).
   # True: such a step leaves the state unchanged and the run goes on (counted in the log).
   c.skip_nonfinite = False
-  c.progress = True
+  c.progress = True  # a bar on a terminal; otherwise a plain line every progress_every_s
+  c.progress_every_s = 60.0
+  c.tensorboard = True  # event files (train/*, eval/*) beside metrics.jsonl
   return c
 
 

@@ -10,8 +10,6 @@ finiteness and the fingerprints; a step that fails any check is moved to
 """
 
 import json
-import os
-import shutil
 import sys
 import time
 from typing import Any, Optional
@@ -23,12 +21,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from contrastive_jax import workdir as workdir_lib
+
 # Config fields that may change when a run resumes (prefixes of dotted paths); every
 # other field must equal the stored config's. num_steps may not go below the checkpoint.
 MUTABLE_ON_RESUME = (
     "num_steps", "log_every", "progress", "eval_every", "eval_at_init", "evaluators",
     "final_evaluators", "eval_limit", "eval_split", "knn_k", "checkpoint_every",
-    "keep_checkpoints", "data_dir", "data_threads", "distributed", "fsdp", "skip_nonfinite")
+    "keep_checkpoints", "data_dir", "data_threads", "distributed", "fsdp", "skip_nonfinite",
+    "progress_every_s", "tensorboard")
 
 
 class CheckpointError(RuntimeError):
@@ -39,9 +40,10 @@ def _warn(msg: str) -> None:
   print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+def manager(workdir: workdir_lib.PathLike, keep: int) -> ocp.CheckpointManager:
+  """Orbax manager of workdir/checkpoints (Orbax writes gs:// itself, through tensorstore)."""
   return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      workdir_lib.join(workdir, "checkpoints"),
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=True))
 
@@ -153,7 +155,7 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: Optional[int] = N
   return {"state": state, "data": data}
 
 
-def restore_newest_good(workdir: str, mngr: ocp.CheckpointManager, abstract_state,
+def restore_newest_good(workdir: workdir_lib.PathLike, mngr: ocp.CheckpointManager, abstract_state,
                         keep: int) -> tuple[Optional[dict], ocp.CheckpointManager]:
   """Restores the newest step that passes `restore`'s checks. Each newer step that
   fails gives a warning and, once an older one restores, is moved to
@@ -185,11 +187,11 @@ def restore_newest_good(workdir: str, mngr: ocp.CheckpointManager, abstract_stat
     return None, mngr
   if broken:  # out of the manager's way, so that these steps can be saved again
     if jax.process_index() == 0:
-      target = os.path.join(workdir, "checkpoints.broken")
-      os.makedirs(target, exist_ok=True)
+      target = workdir_lib.join(workdir, "checkpoints.broken")
+      target.mkdir(parents=True, exist_ok=True)
       for step in broken:
-        shutil.move(os.path.join(workdir, "checkpoints", str(step)),
-                    os.path.join(target, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"))
+        workdir_lib.join(workdir, "checkpoints", str(step)).rename(
+            target / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
       _warn(f"resuming from step {int(restored['state']['step'])}; moved the broken "
             f"step(s) {broken} to {target}")
     if jax.process_count() > 1:
@@ -222,15 +224,11 @@ def config_changes(old: dict, cfg: ml_collections.ConfigDict) -> list[str]:
           for k in sorted(set(a) | set(b)) if not mutable(k) and a.get(k) != b.get(k)]
 
 
-def stored_config(workdir: str) -> Optional[dict]:
-  try:
-    with open(os.path.join(workdir, "config.json")) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    return None
+def stored_config(workdir: workdir_lib.PathLike) -> Optional[dict]:
+  return workdir_lib.read_json(workdir_lib.join(workdir, "config.json"))
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
+def load_config(workdir: workdir_lib.PathLike) -> ml_collections.ConfigDict:
   old = stored_config(workdir)
   if old is None:
     raise FileNotFoundError(f"no config.json in {workdir}: is it a training workdir?")

@@ -5,7 +5,6 @@
 
 import argparse
 import json
-import os
 import sys
 
 from contrastive_jax import checkpointing
@@ -15,7 +14,7 @@ from contrastive_jax import workdir
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description="Evaluate a checkpoint of a workdir.")
-  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--workdir", required=True, help="local path or gs://bucket/run")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
   parser.add_argument("--evaluators", default=None,
                       help="comma-separated evaluators (default: the config's final_evaluators)")
@@ -27,7 +26,7 @@ def main(argv=None) -> dict:
   names = args.evaluators or cfg.final_evaluators
   result = {"step": int(state["step"]),
             **task.evaluate(state["params"], task.eval_data(cfg.eval_limit), names)}
-  path = os.path.join(args.workdir, f"eval_{result['step']}.json")
+  path = workdir.join(args.workdir, f"eval_{result['step']}.json")
   workdir.write_json(path, result)
   print(json.dumps(workdir.finite_json(result)))
   print(f"wrote {path}")

@@ -5,9 +5,11 @@ modalities' embeddings coloured by modality and class (the modality gap made vis
 """
 
 import argparse
+import io
 import json
-import os
 from typing import Optional, Sequence
+
+from etils import epath
 
 import matplotlib
 
@@ -16,14 +18,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from contrastive_jax import metrics  # noqa: E402
+from contrastive_jax import workdir as workdir_lib  # noqa: E402
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+def read_metrics(workdir: workdir_lib.PathLike) -> list[dict]:
+  """The records of workdir/metrics.jsonl (local or remote workdir)."""
+  path = workdir_lib.join(workdir, "metrics.jsonl")
+  if not path.exists():
     raise FileNotFoundError(f"no metrics.jsonl in {workdir}: is it a training workdir?")
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _save(fig, path: workdir_lib.PathLike) -> None:
+  """fig as a PNG at path, local or remote (matplotlib writes local files only)."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, dpi=120, format="png")
+  epath.Path(path).write_bytes(buffer.getvalue())
 
 
 def plot_curves(records: Sequence[dict], path: str,
@@ -40,7 +50,7 @@ def plot_curves(records: Sequence[dict], path: str,
     ax.set_title(key)
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _save(fig, path)
   plt.close(fig)
   return path
 
@@ -71,16 +81,16 @@ def plot_modalities(img: np.ndarray, txt: np.ndarray, path: str,
   ax.legend()
   ax.set_title(f"modality gap {float(metrics.modality_gap(img, txt)):.3f}")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _save(fig, path)
   plt.close(fig)
   return path
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description="Plot a workdir's training curves.")
-  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--workdir", required=True, help="local path or gs://bucket/run")
   args = parser.parse_args(argv)
-  print(plot_curves(read_metrics(args.workdir), os.path.join(args.workdir, "curves.png")))
+  print(plot_curves(read_metrics(args.workdir), workdir_lib.join(args.workdir, "curves.png")))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The one trainer: every task (two-view, image-text two-tower, fusion) trains
 through the same sharded step and loop, with Orbax checkpoints.
 
-  python -m contrastive_jax.train --config configs/mnist_gamma.py --workdir runs/x \
-      [--config.batch_size=64 ...]
+  python -m contrastive_jax.train --config configs/mnist_gamma.py --workdir runs/x
+      [--config.batch_size=64 ...]    (--workdir may be gs://bucket/run)
 
 A task (`contrastive_jax.tasks`) owns its model, objective and evaluation; this
 module owns the optimiser, the step, the loop and the run's files. The step runs
@@ -16,10 +16,10 @@ step k continues exactly as if never stopped. SIGTERM (or Ctrl-C) saves a
 checkpoint and exits cleanly.
 """
 
+import datetime
 import functools
 import json
 import math
-import os
 import re
 import signal
 import sys
@@ -36,10 +36,12 @@ from ml_collections import config_flags
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 import tqdm
 
 from contrastive_jax import checkpointing
 from contrastive_jax import sharding
+from contrastive_jax import summary
 from contrastive_jax import tasks
 from contrastive_jax import workdir as workdir_lib
 from contrastive_jax.data import pipeline
@@ -57,6 +59,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _positive_int(cfg, name)
   for name in ("warmup_steps", "eval_every", "data_threads"):
     _positive_int(cfg, name, minimum=0)
+  every = cfg.get("progress_every_s", 60.0)
+  if not isinstance(every, (int, float)) or not every > 0:
+    raise ValueError(f"--config.progress_every_s={every!r}: must be a number > 0")
   if cfg.get("eval_limit") is not None:
     _positive_int(cfg, "eval_limit")
   for name in ("learning_rate", "weight_decay"):
@@ -159,6 +164,55 @@ def _print(*args):
     print(*args, flush=True)
 
 
+class Progress:
+  """Progress of the loop: a tqdm bar on a terminal; otherwise (nohup, a log file,
+  a batch job) one plain line every `every_s` seconds, since a bar's carriage-return
+  updates would pile up on one line of the log:
+
+    step 1200/5000 (24 %)  loss 3.1234  1,450 examples/s  ETA 0:04:10
+  """
+
+  def __init__(self, total: int, start: int, batch_size: int, *, enabled: bool,
+               every_s: float, stream=None):
+    self.stream = stream or sys.stdout
+    self.total, self.batch_size, self.every_s = total, batch_size, every_s
+    self.enabled = enabled
+    self.tty = enabled and self.stream.isatty()
+    self.bar = tqdm.tqdm(total=total, initial=start, desc="train", unit="step",
+                         dynamic_ncols=True, file=self.stream) if self.tty else None
+    self.loss = None
+    self._t, self._step = time.monotonic(), start
+
+  def update(self, step: int, loss: Optional[float] = None,
+             rate: Optional[float] = None) -> None:
+    """Step `step` is done (loss and examples/s when they were just logged)."""
+    if loss is not None:
+      self.loss = loss
+    if self.bar is not None:
+      self.bar.update(step - self.bar.n)
+      if loss is not None:
+        self.bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.0f}")
+      return
+    now = time.monotonic()
+    if not self.enabled or (now - self._t < self.every_s and step < self.total):
+      return
+    steps_per_s = (step - self._step) / max(now - self._t, 1e-9)
+    parts = [f"step {step}/{self.total} ({100 * step // self.total} %)"]
+    if self.loss is not None and math.isfinite(self.loss):
+      parts.append(f"loss {self.loss:.4f}")
+    if step > self._step:
+      parts.append(f"{steps_per_s * self.batch_size:,.0f} examples/s")
+      if step < self.total:
+        eta = datetime.timedelta(seconds=round((self.total - step) / steps_per_s))
+        parts.append(f"ETA {eta}")
+    print("  ".join(parts), file=self.stream, flush=True)
+    self._t, self._step = now, step
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
 class NonFiniteError(FloatingPointError):
   """The loss or the gradient norm of a step is NaN or inf."""
 
@@ -204,7 +258,7 @@ def _trace_step(cfg, step_fn, state, local_batch: dict, process_count: int) -> N
     raise ValueError(f"{where}{e}") from None
 
 
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: workdir_lib.PathLike,
                        stop_at: Optional[int] = None) -> dict:
   """Trains cfg.num_steps steps (resuming from workdir if it holds a checkpoint).
 
@@ -230,10 +284,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   if cfg.batch_size % n_dev:
     raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {n_dev} devices: "
                      f"set --config.batch_size to a multiple of {n_dev}")
-  setup = build(cfg)
-  task = setup.task
   lead = jax.process_index() == 0
-  workdir_lib.make(workdir)
+  workdir_lib.make(workdir)  # first: an unreachable workdir fails within seconds
+  setup = build(cfg)
   lock = workdir_lib.Lock(workdir)
   try:
     if lead:
@@ -283,8 +336,9 @@ def _train(cfg, workdir, stop_at, setup, lock) -> dict:
   _trace_step(cfg, step_fn, state, {k: first[k] for k in task.batch_keys}, jax.process_count())
 
   if lead:  # compatible, restored and traced: now the workdir may be written
-    workdir_lib.write_text(os.path.join(workdir, "config.json"), cfg.to_json(indent=2))
+    workdir_lib.write_text(workdir_lib.join(workdir, "config.json"), cfg.to_json(indent=2))
   log = workdir_lib.MetricsLog(workdir, start, enabled=lead)
+  tb = summary.Writer(workdir, start, enabled=lead and cfg.get("tensorboard", True))
   batches = iter(ds[start:].to_iter_dataset(
       grain.ReadOptions(num_threads=cfg.data_threads, prefetch_buffer_size=4)))
 
@@ -308,14 +362,20 @@ def _train(cfg, workdir, stop_at, setup, lock) -> dict:
 
   def save():
     checkpointing.save(mngr, state, {"next_index": int(state["step"]), "seed": cfg.seed})
+    log.flush()
+    tb.flush()
 
-  bar = None
+  def log_eval(step: int, result: dict):
+    log.write({"step": step, "phase": "eval", **result})
+    tb.write(step, result, "eval")
+
+  progress = None
   try:
     if start == 0 and cfg.eval_at_init:
       init_eval = evaluate(cfg.evaluators)
-      log.write({"step": 0, "phase": "eval", **init_eval})
-    bar = tqdm.tqdm(total=cfg.num_steps, initial=start, desc="train", unit="step",
-                    disable=not lead or not cfg.progress, dynamic_ncols=True)
+      log_eval(0, init_eval)
+    progress = Progress(cfg.num_steps, start, cfg.batch_size, enabled=lead and cfg.progress,
+                        every_s=cfg.get("progress_every_s", 60.0))
     t_last, n_last = time.perf_counter(), start
     # Non-finite steps are tallied on the device and read only where the host waits anyway
     # (logging, checkpoints, the end): a state is never saved past an unread bad step.
@@ -348,10 +408,12 @@ def _train(cfg, workdir, stop_at, setup, lock) -> dict:
         if skip:
           record["skipped_steps"] = skipped
         log.write(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{rate:.0f}")
-      bar.update(1)
+        tb.write(done, {k: v for k, v in record.items() if k not in ("step", "phase")}, "train")
+        progress.update(done, record["loss"], rate)
+      else:
+        progress.update(done)
       if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.num_steps:
-        log.write({"step": done, "phase": "eval", **evaluate(cfg.evaluators)})
+        log_eval(done, evaluate(cfg.evaluators))
       if done % cfg.checkpoint_every == 0:
         skipped = _check_finite(tally, skip)
         save()
@@ -359,8 +421,10 @@ def _train(cfg, workdir, stop_at, setup, lock) -> dict:
     save()
     mngr.wait_until_finished()
   finally:
-    if bar is not None:
-      bar.close()
+    if progress is not None:
+      progress.close()
+    log.flush()
+    tb.flush()
     mngr.wait_until_finished()  # a good checkpoint in flight is completed, whatever stopped us
     mngr.close()
     for signum, handler in old_handlers.items():
@@ -371,14 +435,19 @@ def _train(cfg, workdir, stop_at, setup, lock) -> dict:
   if preempted.is_set():
     _print(f"stopped: checkpoint saved at step {int(state['step'])} in {workdir}; "
            "run the same command to resume")
+    tb.close()
     return {"preempted": True, "step": int(state["step"])}
 
   result = {"step": int(state["step"]), **evaluate(cfg.final_evaluators)}
   if start == 0 and cfg.eval_at_init:
     result["random_init"] = init_eval
   log.write({"phase": "final", **result})
+  log.flush()
+  tb.write(result["step"], {k: v for k, v in result.items() if k not in ("step", "random_init")},
+           "final")
+  tb.close()
   if lead:
-    workdir_lib.write_json(os.path.join(workdir, "final_eval.json"), result)
+    workdir_lib.write_json(workdir_lib.join(workdir, "final_eval.json"), result)
   return result
 
 
@@ -408,7 +477,8 @@ def restore_for_eval(workdir: str, step: Optional[int] = None):
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics: a "
+                                "local path or a remote one (gs://bucket/run).")
 _STOP_AT = flags.DEFINE_integer("stop_at", None, "Checkpoint and exit after this step, as if "
                                 "preempted (time-boxed jobs, tests).")
 
@@ -435,11 +505,44 @@ def main(argv):
   if jax.process_index() != 0:
     return
   print(json.dumps(workdir_lib.finite_json(result)))
-  if "knn_top1" in result and "knn_top1" in result.get("random_init", {}):
-    linear = (f" (linear probe: {100 * result['linear_top1']:.1f} %)"
-              if "linear_top1" in result else "")
-    print(f"kNN top-1: trained {100 * result['knn_top1']:.1f} % vs random init "
-          f"{100 * result['random_init']['knn_top1']:.1f} %{linear}")
+  line = result_line(result)
+  if line:
+    print(line)
+
+
+def _finite(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def result_line(result: dict) -> Optional[str]:
+  """A one-line summary of the probes in a final evaluation, naming only what was
+  computed and finite (None when there is nothing to say)."""
+  parts = []
+  if _finite(result.get("knn_top1")):
+    init = result.get("random_init", {}).get("knn_top1")
+    parts.append(f"kNN top-1 {100 * result['knn_top1']:.1f} %" +
+                 (f" (random init {100 * init:.1f} %)" if _finite(init) else ""))
+  if _finite(result.get("linear_top1")):
+    parts.append(f"linear probe {100 * result['linear_top1']:.1f} %")
+  return ", ".join(parts) or None
+
+
+def catalogue() -> str:
+  """What a run can name: configs, tasks, losses, encoders and built-in datasets."""
+  from contrastive_jax.data import builders  # pylint: disable=g-import-not-at-top
+  from contrastive_jax.losses import registry  # pylint: disable=g-import-not-at-top
+  from contrastive_jax.models import encoders  # pylint: disable=g-import-not-at-top
+  root = epath.Path(__file__).parent.parent / "configs"
+  configs = sorted(f"configs/{p.name}" for p in root.glob("*.py")
+                   if p.name != "base.py") if root.exists() else []
+  rows = [("configs (--config)", configs or ["(none found beside the package)"]),
+          ("tasks (--config.task)", list(tasks.TASKS)),
+          ("losses (--config.loss)", list(registry.LOSSES)),
+          ("encoders (--config.model)", list(encoders.ENCODERS)),
+          ("datasets (--config.dataset)",
+           sorted(builders.BUILDERS) + ["or any TFDS name prepared as array_record in "
+                                        "--config.data_dir (docs/tpu.md)"])]
+  return "\n".join(f"{title}:\n  {', '.join(names)}" for title, names in rows)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -447,6 +550,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
   ml_collections suggests) for a bad --config override instead of a traceback."""
   try:
     return flags.FLAGS(argv)
+  except SystemExit as e:  # absl exits 1 after printing --help; asking for help is no error
+    if any(a in ("--help", "-h", "--helpshort", "--helpfull", "-?") for a in argv[1:]):
+      sys.exit(0)
+    raise
   except flags.Error as e:
     sys.exit(f"error: {e}")
   except (AttributeError, KeyError, TypeError, ValueError) as e:
@@ -459,6 +566,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def cli():
+  # absl's --help prints the __main__ module's docstring: add what a run can name.
+  main_module = sys.modules["__main__"]
+  main_module.__doc__ = f"{__doc__}\n{catalogue()}\n"
   app.run(main, flags_parser=_parse_flags)
 
 

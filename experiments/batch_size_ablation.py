@@ -27,6 +27,9 @@ import time
 
 import numpy as np
 
+from contrastive_jax import plot
+from contrastive_jax import workdir as workdir_lib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ("dataset", "loss", "batch_size", "seed", "epochs", "num_steps", "knn_top1",
           "linear_top1", "effective_rank", "examples_per_s", "peak_rss_mb", "device_peak_mb",
@@ -97,13 +100,10 @@ def run_one(cfg: dict, out: str, threads: int, slots=None, devices_per_run: int 
       slots.put(slot)
   if proc.returncode != 0:
     raise RuntimeError(f"{workdir} failed (exit {proc.returncode}); see {workdir}/log.txt")
-  final_path = os.path.join(workdir, "final_eval.json")
-  if not os.path.exists(final_path):  # stopped by a signal: resumes on the next sweep
+  final = workdir_lib.read_json(workdir_lib.join(workdir, "final_eval.json"))
+  if final is None:  # stopped by a signal: resumes on the next sweep
     raise KeyboardInterrupt(f"{workdir} interrupted")
-  with open(final_path) as f:
-    final = json.load(f)
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rates = [r["examples_per_s"] for r in map(json.loads, f) if r.get("phase") == "train"]
+  rates = [r["examples_per_s"] for r in plot.read_metrics(workdir) if r.get("phase") == "train"]
   peak = [json.loads(l.split(" ", 1)[1]) for l in proc.stdout.splitlines()
           if l.startswith("PEAK ")][-1]
   row = {"dataset": cfg["dataset"], "loss": label, "batch_size": cfg["batch_size"],

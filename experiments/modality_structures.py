@@ -29,6 +29,9 @@ import time
 
 import numpy as np
 
+from contrastive_jax import plot
+from contrastive_jax import workdir as workdir_lib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {"baseline": {}, "+sep": {"sep": 0.1}, "+br": {"br": 1.0}, "+gc": {"gc": 0.01},
             "+all": {"sep": 0.1, "br": 1.0, "gc": 0.01}}
@@ -60,11 +63,11 @@ def plan(seeds, parts, variants) -> list[tuple]:
 
 def run_one(fw, name, weights, seed, args) -> dict:
   """Trains (or resumes) one run with the trainer CLI; returns its row."""
-  workdir = os.path.join(args.out, "runs", f"{fw}_{name.strip('+').replace('=', '')}_s{seed}")
-  final = os.path.join(workdir, "final_eval.json")
+  workdir = workdir_lib.join(args.out, "runs", f"{fw}_{name.strip('+').replace('=', '')}_s{seed}")
+  final = workdir / "final_eval.json"
   steps = args.steps[fw]
   cmd = [sys.executable, "-m", "contrastive_jax.train", "--config", CONFIGS[fw],
-         "--workdir", workdir, f"--config.seed={seed}", f"--config.num_steps={steps}",
+         "--workdir", str(workdir), f"--config.seed={seed}", f"--config.num_steps={steps}",
          "--config.progress=False", "--config.eval_at_init=False",
          f"--config.checkpoint_every={max(1, steps // 4)}",
          *[f"--config.weights.{k}={v}" for k, v in weights.items()]]
@@ -72,15 +75,13 @@ def run_one(fw, name, weights, seed, args) -> dict:
     cmd += [f"--config.eval_every={max(1, steps // 8)}", "--config.evaluators=zero_shot"]
   if args.quick and fw != "mfeat":
     cmd.append("--config.eval_limit=1000")
-  if not os.path.exists(final):
+  if not final.exists():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
       raise RuntimeError(f"{workdir} failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
-  with open(final) as f:
-    result = json.load(f)
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    records = [json.loads(l) for l in f]
+  result = workdir_lib.read_json(final)
+  records = plot.read_metrics(workdir)
   curve = [(r["step"], r["zero_shot"]["top1"]) for r in records
            if r.get("phase") == "eval" and "zero_shot" in r]
   train = [r for r in records if r.get("phase") == "train"]

@@ -51,10 +51,13 @@ def get_source(name: str, split: str, data_dir: Optional[str] = None):
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # tfds raises several types for a missing dataset
+    # TFDS's own message for a missing dataset talks of TFRECORD: say what to do instead.
     raise FileNotFoundError(
-        f"dataset {name!r} split {split!r} is not available in {data_dir}: use a built-in one "
-        f"({', '.join(sorted(BUILDERS))}) or prepare it first with `tfds build {name} "
-        f"--file_format=array_record --data_dir={data_dir}` ({type(e).__name__}: {e})") from e
+        f"dataset {name!r} split {split!r} is not prepared as array_record in {data_dir}: use a "
+        f"built-in one ({', '.join(sorted(BUILDERS))}), or prepare it once in a separate "
+        f"environment with TensorFlow (`pip install tensorflow-cpu tensorflow-datasets "
+        f"array_record`, then `tfds build {name} --file_format=array_record "
+        f"--data_dir={data_dir}`; docs/tpu.md) and pass --config.data_dir") from e
 
 
 def load_arrays(source, limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:

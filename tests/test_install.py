@@ -1,0 +1,123 @@
+"""Installs that fit each kind of user: `pip install contrastive_jax` gives the
+losses and metrics on jax alone; the extras declare everything else they import."""
+
+import ast
+import importlib.metadata
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(ROOT, "contrastive_jax")
+
+
+def _project() -> dict:
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    return tomllib.load(f)["project"]
+
+
+def _names(requirements) -> set[str]:
+  """Normalised distribution names of requirement strings (extras of ourselves expanded)."""
+  out = set()
+  for r in requirements:
+    name = re.match(r"[A-Za-z0-9_.\-]+", r).group(0)
+    out.add(re.sub(r"[-_.]+", "-", name).lower())
+  return out
+
+
+def _declared(*extras: str) -> set[str]:
+  project = _project()
+  names = _names(project["dependencies"])
+  for extra in extras:
+    names |= _names(project["optional-dependencies"][extra])
+  return names
+
+
+def _imports(path: str) -> set[str]:
+  """Top-level module names a source file imports (at module level or inside functions)."""
+  tree = ast.parse(open(path).read())
+  out = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      out |= {a.name.split(".")[0] for a in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.level == 0:
+      out.add(node.module.split(".")[0])
+  return out - set(sys.stdlib_module_names) - {"contrastive_jax", "__future__"}
+
+
+def _tier(relpath: str) -> tuple[str, ...]:
+  """The extras a module may use: losses and metrics none, the plotter 'experiments'."""
+  if relpath.startswith("losses/") or relpath == "metrics.py":
+    return ()
+  if relpath == "plot.py":
+    return ("train", "experiments")
+  return ("train",)
+
+
+def test_every_import_of_the_package_is_declared_in_its_tier():
+  distributions = importlib.metadata.packages_distributions()
+  checked = 0
+  for folder, _, files in os.walk(PACKAGE):
+    for name in files:
+      if not name.endswith(".py"):
+        continue
+      path = os.path.join(folder, name)
+      rel = os.path.relpath(path, PACKAGE).replace(os.sep, "/")
+      allowed = _declared(*_tier(rel))
+      for module in _imports(path):
+        dists = _names(distributions.get(module, [module]))
+        assert dists & allowed, (f"contrastive_jax/{rel} imports {module} ({dists}), which "
+                                 f"pyproject.toml does not declare for {_tier(rel) or 'core'}")
+        checked += 1
+  assert checked > 30
+
+
+def test_constraints_pin_every_declared_distribution_exactly():
+  pins = {}
+  for line in open(os.path.join(ROOT, "constraints.txt")):
+    line = line.split("#")[0].strip()
+    if line:
+      name, version = line.split("==")
+      pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+  for name in _declared("train", "gcs", "experiments", "test") - {"contrastive-jax"}:
+    assert name in pins, f"{name} is not pinned in constraints.txt"
+  installed = {re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version
+               for d in importlib.metadata.distributions()}
+  for name in _declared("train", "test") - {"contrastive-jax"}:  # what this venv has
+    assert installed.get(name) == pins[name], (name, installed.get(name), pins[name])
+
+
+@pytest.mark.skipif(shutil.which("python3") is None, reason="no python3 to make a venv")
+def test_a_plain_install_runs_a_loss_on_jax_alone(tmp_path):
+  """pip install . (no extras) into a fresh venv: no flax, tfds, grain; the losses run."""
+  src = tmp_path / "src"
+  src.mkdir()
+  for name in ("pyproject.toml", "README.md", "constraints.txt"):
+    shutil.copy(os.path.join(ROOT, name), src / name)
+  shutil.copytree(PACKAGE, src / "contrastive_jax",
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  venv = tmp_path / "venv"
+  subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+  python = str(venv / "bin" / "python")
+  out = subprocess.run([python, "-m", "pip", "install", "-q", "-c", "constraints.txt", "."],
+                       cwd=src, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  listed = subprocess.run([python, "-m", "pip", "list", "--format=freeze"], capture_output=True,
+                          text=True, check=True).stdout.lower()
+  for absent in ("flax", "tensorflow-datasets", "grain", "optax", "orbax", "tensorboardx"):
+    assert absent not in listed, absent
+  code = ("import jax, jax.numpy as jnp; from contrastive_jax import losses as L, metrics; "
+          "a = jax.random.normal(jax.random.PRNGKey(0), (8, 4)); b = a + 0.1; "
+          "s = L.init_gamma_state(8); "
+          "v, s = L.gamma_loss(a, b, s, jnp.arange(8), jax.random.PRNGKey(1), temperature=0.1); "
+          "g = jax.grad(lambda x: L.nt_xent(x, b, temperature=0.2))(a); "
+          "print(float(L.nt_xent(a, b, temperature=0.2)), float(v), g.shape)")
+  run = subprocess.run([python, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert run.stdout.strip().endswith("(8, 4)")
