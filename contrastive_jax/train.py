@@ -57,7 +57,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the field and what is allowed for a bad trainer setting."""
   for name in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
     _positive_int(cfg, name)
-  for name in ("warmup_steps", "eval_every", "data_threads"):
+  for name in ("warmup_steps", "eval_every", "data_threads", "data_workers"):
     _positive_int(cfg, name, minimum=0)
   every = cfg.get("progress_every_s", 60.0)
   if not isinstance(every, (int, float)) or not every > 0:
@@ -109,7 +109,10 @@ def build(cfg: ml_collections.ConfigDict, task: Optional[tasks.Task] = None) -> 
   """Task (default: cfg.task on cfg.dataset's train split), optimiser and state
   initialiser of cfg (raises on bad names)."""
   if task is None:
-    task = tasks.get(cfg, pipeline.get_source(cfg.dataset, "train", cfg.data_dir))
+    source = pipeline.get_source(cfg.dataset, "train", cfg.data_dir)
+    if cfg.get("data_cache", False):
+      source = pipeline.InMemory(source)
+    task = tasks.get(cfg, source)
   task.check_evaluators(cfg.evaluators, "evaluators")
   task.check_evaluators(cfg.final_evaluators, "final_evaluators")
   tx, schedule = make_optimizer(cfg)
@@ -339,8 +342,7 @@ def _train(cfg, workdir, stop_at, setup, lock) -> dict:
     workdir_lib.write_text(workdir_lib.join(workdir, "config.json"), cfg.to_json(indent=2))
   log = workdir_lib.MetricsLog(workdir, start, enabled=lead)
   tb = summary.Writer(workdir, start, enabled=lead and cfg.get("tensorboard", True))
-  batches = iter(ds[start:].to_iter_dataset(
-      grain.ReadOptions(num_threads=cfg.data_threads, prefetch_buffer_size=4)))
+  batches = iter(pipeline.read(ds[start:], cfg.data_threads, cfg.get("data_workers", 0)))
 
   # SIGTERM (preemption) or a first Ctrl-C: checkpoint and exit at the next step. The
   # handler stays until the last checkpoint is complete, so a second SIGTERM changes

@@ -67,9 +67,8 @@ def test_same_seed_same_batches_different_seed_different(digits):
 def test_batches_shapes_ranges_and_index(digits):
   batch = pipeline.train_dataset(digits, batch_size=32, seed=0)[1]
   assert batch["view1"].shape == batch["view2"].shape == (32, 8, 8, 1)
-  assert batch["view1"].dtype == np.float32
-  assert 0.0 <= batch["view1"].min() and batch["view1"].max() <= 1.0
-  assert not np.allclose(batch["view1"], batch["view2"])  # two different views
+  assert batch["view1"].dtype == np.uint8  # the host crops; the device does the rest
+  assert not np.array_equal(batch["view1"], batch["view2"])  # two different crops
   for i, idx in enumerate(batch["index"]):
     assert int(digits[int(idx)]["label"]) == int(batch["label"][i])
   epoch = np.concatenate([pipeline.train_dataset(digits, batch_size=32, seed=0)[k]["index"]
@@ -92,17 +91,11 @@ def test_process_slices_assemble_the_single_process_batch(digits):
 
 
 @pytest.mark.parametrize("shape", [(8, 8, 1), (28, 28, 1), (32, 32, 3)])
-def test_augmentations_keep_shape_and_range(shape):
-  rng = np.random.default_rng(0)
-  image = rng.random(shape).astype(np.float32)
-  cfg = aug_lib.AugmentConfig(flip=True, jitter_prob=1.0, blur_prob=1.0)
-  views = [aug_lib.augment(image, np.random.default_rng(s), cfg) for s in range(5)]
-  for v in views:
-    assert v.shape == shape and v.dtype == np.float32
-    assert v.min() >= 0.0 and v.max() <= 1.0
-  np.testing.assert_array_equal(views[0], aug_lib.augment(image, np.random.default_rng(0), cfg))
-  crop = aug_lib.random_resized_crop(image, rng, scale=(1.0, 1.0), ratio=(1.0, 1.0))
-  np.testing.assert_allclose(crop, image, atol=1e-6)  # full crop is the identity
+def test_a_full_crop_at_the_native_size_is_the_identity(shape):
+  image = np.random.default_rng(0).integers(0, 256, shape, np.uint8)
+  im = aug_lib.decode(image, shape[-1])
+  out = aug_lib.crop(im, (0, 0, shape[1], shape[0]), (shape[1], shape[0]))
+  np.testing.assert_array_equal(out, image)
 
 
 def test_real_tfds_dataset_path_offline():

@@ -95,3 +95,60 @@ def test_geometry_known_gap_and_collapse():
   assert float(metrics.effective_rank(jnp.asarray(base))) > 7.0
   g = E.geometry(img, txt)
   assert {"modality_gap", "paired_distance", "alignment", "uniformity", "effective_rank"} <= set(g)
+
+
+# ----------------------------------------------------------------------------
+# Streaming evaluation: host memory is a batch plus the features.
+
+
+class GeneratedImages:
+  """n records of 64 x 64 x 3 uint8 images made from their index on demand (nothing stored)."""
+
+  def __init__(self, n):
+    self.n = n
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    rng = np.random.default_rng(int(i))
+    return {"image": rng.integers(0, 256, (64, 64, 3), np.uint8), "label": int(i) % 10}
+
+
+def _traced_peak(fn) -> int:
+  import tracemalloc
+  tracemalloc.start()
+  try:
+    fn()
+    return tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+
+
+def test_streaming_evaluation_memory_does_not_grow_with_the_split():
+  import jax
+  from contrastive_jax.data import pipeline
+  params = {"w": np.random.default_rng(0).normal(size=(64 * 64 * 3, 16)).astype(np.float32)}
+  apply_fn = lambda p, x: x.reshape(x.shape[0], -1).astype(jnp.float32) @ p["w"]
+  transform = pipeline.EvalImage(None, 3)
+
+  def stream(n):
+    feats, labels = E.embed_batches(apply_fn, params, pipeline.eval_batches(
+        GeneratedImages(n), transform, batch_size=64, threads=1))
+    assert feats.shape == (n, 16) and labels.shape == (n,)
+    np.testing.assert_array_equal(labels, np.arange(n) % 10)
+
+  stream(64)  # compile outside the measurement
+  small, big = 512, 4096
+  grown = _traced_peak(lambda: stream(big)) - _traced_peak(lambda: stream(small))
+  raw = (big - small) * 64 * 64 * 3  # what loading the split would add: 44 MB
+  features = (big - small) * (16 * 4 + 4)  # what the kept features and labels add
+  assert grown < features + 0.05 * raw, (grown, features, raw)
+  # The measure sees a split loaded whole (the old way) grow with it.
+  load = lambda n: np.stack([GeneratedImages(n)[i]["image"] for i in range(n)])
+  assert _traced_peak(lambda: load(big)) - _traced_peak(lambda: load(small)) > 0.9 * raw
+  # Features equal the unstreamed computation.
+  src = GeneratedImages(100)
+  feats, _ = E.embed_batches(apply_fn, params, pipeline.eval_batches(src, transform, 64))
+  whole = np.stack([src[i]["image"] for i in range(100)])
+  np.testing.assert_allclose(feats, jax.jit(apply_fn)(params, whole), rtol=1e-4, atol=1e-3)

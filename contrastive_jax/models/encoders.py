@@ -121,6 +121,7 @@ ENCODERS = {
     "resnet50": lambda: ResNet((3, 4, 6, 3), bottleneck=True, small_input=False),
     "vit_ti": lambda: ViT(width=192, depth=12, heads=3),
     "vit_s": lambda: ViT(width=384, depth=12, heads=6),
+    "vit_s16": lambda: ViT(width=384, depth=12, heads=6, patch=16),  # ViT-S/16, 224 px
 }
 
 

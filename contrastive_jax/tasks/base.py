@@ -35,7 +35,7 @@ class Task:
   def __init__(self, cfg: ml_collections.ConfigDict, train_src):
     self.cfg = cfg
     self.train_src = train_src
-    self.image_shape = pipeline.to_float(train_src[0]["image"]).shape
+    self.image_shape = pipeline.image_shape(train_src)
 
   def transform(self):
     """grain RandomMap: record index -> one training example."""

@@ -18,6 +18,7 @@ import optax
 
 from contrastive_jax import evaluate
 from contrastive_jax import metrics
+from contrastive_jax.data import augment as aug_lib
 from contrastive_jax.data import captions
 from contrastive_jax.models import multimodal
 from contrastive_jax.tasks import image_text
@@ -77,6 +78,7 @@ class Fusion(image_text.TwoTower):
   def loss(self, params, state, batch, key, mesh):
     f = self.cfg.fusion
     m = self.model
+    batch = {**batch, "image": aug_lib.to_float(batch["image"])}  # the host sends uint8
     k_aug, k_itm1, k_itm2, k_mlm, k_loss = jax.random.split(key, 5)
     img_tokens, img, img_ind = m.apply(params, batch["image"], method=m.encode_image)
     seq, txt, txt_ind = m.apply(params, batch["tokens"], method=m.encode_text)

@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 from contrastive_jax import evaluate
 from contrastive_jax import losses as L
 from contrastive_jax import metrics
+from contrastive_jax.data import augment as aug_lib
 from contrastive_jax.data import builders
 from contrastive_jax.data import captions
 from contrastive_jax.data import pipeline
@@ -163,6 +164,7 @@ class TwoTower(base.Task):
                              key)
 
   def loss(self, params, state, batch, key, mesh):
+    batch = {**batch, "image": aug_lib.to_float(batch["image"])}  # the host sends uint8
     k_aug, k_loss = jax.random.split(key)
     emb = self.embed(params, batch["image"], batch["tokens"])
     aug = self.embed(params, augment_images(k_aug, batch["image"], self.cfg.noise_std),

@@ -1,5 +1,9 @@
 """Two-view self-supervised task (SimCLR layout): two augmented views of each
-image through one encoder + projection head, any library loss between them."""
+image through one encoder + projection head, any library loss between them.
+
+The host crops (uint8, `pipeline.TwoViews`); the step augments each view on the
+device (`augment.photometric`); evaluation streams embeddings batch by batch
+(`pipeline.eval_batches`, `evaluate.embed_batches`)."""
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +20,8 @@ from contrastive_jax.tasks import base
 
 
 class TwoView(base.Task):
-  """cfg: model, head_hidden, proj_dim, augment, loss, temperature, loss_options, knn_k."""
+  """cfg: model, head_hidden, proj_dim, augment, loss, temperature, loss_options, knn_k;
+  optional image_size (default: the images' own), eval_crop_fraction, eval_batch_size."""
 
   batch_keys = ("view1", "view2", "index")
   evaluators = {"knn": "eval_knn", "linear_probe": "eval_linear", "rank": "eval_rank"}
@@ -29,9 +34,14 @@ class TwoView(base.Task):
     if L.registry.get(cfg.loss).augmented:
       raise ValueError(f"loss {cfg.loss!r} needs image-text augmented views: the two_view "
                        "task takes a two-view loss (nt_xent, dcl, sogclr, gamma, ...)")
+    self.augment = aug_lib.AugmentConfig(**cfg.augment)
+    self.channels = pipeline.channels_of(train_src)
+    self.size = cfg.get("image_size")
+    if self.size:
+      self.image_shape = (self.size, self.size, self.channels)
 
   def transform(self):
-    return pipeline.TwoViews(self.train_src, aug_lib.AugmentConfig(**self.cfg.augment))
+    return pipeline.TwoViews(self.train_src, self.augment, self.size, self.channels)
 
   def init(self, key):
     params = self.model.init(key, jnp.zeros((1,) + tuple(self.image_shape), jnp.float32))
@@ -47,25 +57,36 @@ class TwoView(base.Task):
       local_infonce = jax.lax.pmean(L.nt_xent(sg(z1), sg(z2), temperature=0.1), BATCH_AXES)
       return loss, s, local_infonce
 
+    # Photometric augmentation on the device: example i of view v draws from
+    # (seed, step, v, index[i]), so views are the same on any mesh and after a resume.
+    k_aug, key = jax.random.split(key)
+    views = [aug_lib.photometric(jax.random.fold_in(k_aug, v), batch[f"view{v + 1}"],
+                                 batch["index"], self.augment) for v in (0, 1)]
     # Both views in one apply, mapped over a new leading axis: every device keeps its own
     # rows (concatenating two batch-sharded arrays is not batch-sharded, and GSPMD would
     # gather them), and the weight gradient is one all-reduce, not one per view.
-    views = jnp.stack([batch["view1"], batch["view2"]])  # [2, b, ...]
-    _, z = jax.vmap(self.model.apply, in_axes=(None, 0))(params, views)
+    _, z = jax.vmap(self.model.apply, in_axes=(None, 0))(params, jnp.stack(views))
     loss, loss_state, local_infonce = jax.shard_map(
         local, mesh=mesh, in_specs=(P(BATCH_AXES), P(BATCH_AXES), P(), P(BATCH_AXES), P()),
         out_specs=(P(), P(), P()))(z[0], z[1], state["loss_state"], batch["index"], key)
     return loss, ({"loss_state": loss_state}, {"nt_xent_local": local_infonce})
 
   def eval_data(self, limit=None):
+    """The (train, test) sources and the limit: nothing is loaded until an evaluation
+    streams them."""
     test_src = pipeline.get_source(self.cfg.dataset, self.cfg.eval_split, self.cfg.data_dir)
-    return pipeline.load_arrays(self.train_src, limit), pipeline.load_arrays(test_src, limit)
+    return self.train_src, test_src, limit
 
   def prepare(self, params, data):
-    (tr_x, tr_y), (te_x, te_y) = data
-    features = jax.jit(lambda x: self.model.apply(params, x)[0])
-    return {"train": evaluate.embed(features, tr_x), "test": evaluate.embed(features, te_x),
-            "train_y": tr_y, "test_y": te_y,
+    train_src, test_src, limit = data
+    transform = pipeline.EvalImage(self.size, self.channels,
+                                   self.cfg.get("eval_crop_fraction", 1.0))
+    features = lambda p, x: self.model.apply(p, aug_lib.to_float(x))[0]
+    embed = lambda src: evaluate.embed_batches(features, params, pipeline.eval_batches(
+        src, transform, self.cfg.get("eval_batch_size", 256), limit,
+        threads=max(1, self.cfg.get("data_threads", 2))))
+    (tr, tr_y), (te, te_y) = embed(train_src), embed(test_src)
+    return {"train": tr, "test": te, "train_y": tr_y, "test_y": te_y,
             "num_classes": int(max(tr_y.max(), te_y.max()) + 1)}
 
   def eval_knn(self, c):
