@@ -95,7 +95,7 @@ def decode_for_crops(image, channels: int, boxes: Sequence[tuple],
       im.draft(mode, (math.ceil(w * scale), math.ceil(h * scale)))
       fx, fy = im.size[0] / w, im.size[1] / h
       boxes = [(l * fx, t * fy, r * fx, b * fy) for l, t, r, b in boxes]
-  return im.convert(mode), list(boxes)
+  return (im if im.mode == mode else im.convert(mode)), list(boxes)
 
 
 def decode(image, channels: int) -> Image.Image:
@@ -107,8 +107,9 @@ def crop(im: Image.Image, box: tuple, size: Union[int, tuple[int, int]]) -> np.n
   """The box (left, top, right, bottom) of im resized (bilinear, antialiased) to size
   (an int for a square, or (width, height)) -> uint8 [height, width, C]."""
   size = (size, size) if isinstance(size, int) else tuple(size)
-  out = np.asarray(im.resize(size, Image.BILINEAR, box=box), np.uint8)
-  return out[..., None] if out.ndim == 2 else out
+  out = im.resize(size, Image.BILINEAR, box=box)
+  # frombuffer(tobytes()) costs ~2 us less than asarray: it matters at 28 px.
+  return np.frombuffer(out.tobytes(), np.uint8).reshape(size[1], size[0], -1)
 
 
 def center_box(height: int, width: int, fraction: float = 1.0) -> tuple:
