@@ -102,28 +102,39 @@ def gamma_em(logits, pos, log_state_rows, log_eps, include_positive=False):
   return np.mean(np.exp(log_eps - log_state_rows + log_zb) - logits[rows, pos]), log_zb
 
 
-def gamma_two_view(z1, z2, table, index, log_eps, t, rate, include_positive=False, zhat=None):
+def _zhat(table, index, log_zb, rate, update_first):
+  """(updated table, log Zhat the E-step uses [2b]): the pre-update rows (the batch's on a
+  first visit), or with update_first the updated rows (SogCLR's order)."""
+  table = table.copy()
+  old = table[:, index].copy()
+  table[:, index] = ema(old, log_zb, rate)
+  new = table[:, index]
+  zhat = new if update_first else np.where(np.isfinite(old), old, new)
+  return table, zhat.reshape(-1)
+
+
+def gamma_two_view(z1, z2, table, index, log_eps, t, rate, include_positive=False, zhat=None,
+                   update_first=False):
   s, pos = two_view(z1, z2, t)
   b = len(z1)
   log_zb = neg_log_mean(s, pos, include_positive).reshape(2, b)
-  table = table.copy()
-  table[:, index] = ema(table[:, index], log_zb, rate)
+  table, used = _zhat(table, index, log_zb, rate, update_first)
   if zhat is None:
-    zhat = table[:, index].reshape(-1)
+    zhat = used
   loss, _ = gamma_em(s, pos, zhat, log_eps, include_positive)
   return loss, table, zhat
 
 
-def gamma_clip(img, txt, table, index, log_eps, t, rate, include_positive=False, zhat=None):
+def gamma_clip(img, txt, table, index, log_eps, t, rate, include_positive=False, zhat=None,
+               update_first=False):
   s = normalize(img) @ normalize(txt).T / t
   b = len(img)
   logits = np.concatenate([s, s.T])
   pos = np.tile(np.arange(b), 2)
   log_zb = neg_log_mean(logits, pos, include_positive).reshape(2, b)
-  table = table.copy()
-  table[:, index] = ema(table[:, index], log_zb, rate)
+  table, used = _zhat(table, index, log_zb, rate, update_first)
   if zhat is None:
-    zhat = table[:, index].reshape(-1)
+    zhat = used
   loss, _ = gamma_em(logits, pos, zhat, log_eps, include_positive)
   return loss, table, zhat
 

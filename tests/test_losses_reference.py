@@ -120,9 +120,10 @@ def test_sogclr_value_grad_state():
 
 @pytest.mark.parametrize("layout", ["two_view", "clip"])
 @pytest.mark.parametrize("include_positive", [False, True])
-@pytest.mark.parametrize("shape", [1.0, 3.0, float("inf")])
-def test_gamma_value_grad_state(layout, include_positive, shape):
-  z1, z2 = fresh_inputs(2, seed=seed_of(layout, include_positive, shape))
+@pytest.mark.parametrize("shape,update_first", [(1.0, False), (3.0, True),
+                                                (float("inf"), False), (float("inf"), True)])
+def test_gamma_value_grad_state(layout, include_positive, shape, update_first):
+  z1, z2 = fresh_inputs(2, seed=seed_of(layout, include_positive, shape, update_first))
   n, rate = 30, 0.2
   rng = np.random.default_rng(7)
   index = rng.permutation(n)[:B]
@@ -134,10 +135,11 @@ def test_gamma_value_grad_state(layout, include_positive, shape):
              np.asarray(jax.random.loggamma(key, shape, (2 * B,)) - np.log(shape), np.float64))
   jax_fn = L.gamma_loss if layout == "two_view" else L.gamma_clip_loss
   ref_fn = ref.gamma_two_view if layout == "two_view" else ref.gamma_clip
-  loss_ref, table_ref, zhat = ref_fn(z1, z2, table, index, log_eps, T, rate, include_positive)
+  loss_ref, table_ref, zhat = ref_fn(z1, z2, table, index, log_eps, T, rate, include_positive,
+                                     update_first=update_first)
   fn = lambda a, b: jax_fn(a, b, {"log_z": jnp.float32(table)}, jnp.asarray(index), key,
                            temperature=T, shape=shape, rate_decay=rate,
-                           include_positive=include_positive)
+                           include_positive=include_positive, update_first=update_first)
   (loss, state), grads = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(
       jnp.float32(z1), jnp.float32(z2))
   assert_close(loss, loss_ref)

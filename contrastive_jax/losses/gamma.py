@@ -71,18 +71,25 @@ def _log_eps(key: jax.Array, shape: float, n: int) -> jax.Array:
   return jax.random.loggamma(key, shape, (n,), jnp.float32) - jnp.log(shape)
 
 
-def _em_loss(log_zb, pos, state, index, key, shape, rate_decay, estimator, axis_name):
+def _em_loss(log_zb, pos, state, index, key, shape, rate_decay, estimator, update_first,
+             axis_name):
   """Shared E/M step. log_zb, pos [2b]: log mean-exp of each anchor's local negatives and its
   positive logit; rows are 2 groups (views or directions) of b anchors."""
   b = log_zb.shape[0] // 2
   if estimator == "per_example":
-    table, log_zhat = common.update_table(state["log_z"], index, log_zb.reshape(2, b),
-                                          rate_decay, axis_name)
+    prior = state["log_z"][:, index]  # [2, b], read before this batch updates it
+    table, updated = common.update_table(state["log_z"], index, log_zb.reshape(2, b),
+                                         rate_decay, axis_name)
     new_state = {"log_z": table}
   else:
+    prior = jnp.broadcast_to(state["log_z"][:, None], (2, b))
     log_z = common.update_scalar(state["log_z"], log_zb.reshape(2, b), rate_decay, axis_name)
-    log_zhat = jnp.broadcast_to(log_z[:, None], (2, b))
+    updated = jnp.broadcast_to(log_z[:, None], (2, b))
     new_state = {"log_z": log_z}
+  if update_first:  # SogCLR's order: u from the estimate that already holds this batch
+    log_zhat = updated
+  else:  # u independent of this batch's negatives; a first visit has only the batch
+    log_zhat = jnp.where(jnp.isfinite(prior), prior, updated)
   if axis_name is not None:  # independent draws on every device
     key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
   log_u = jax.lax.stop_gradient(_log_eps(key, shape, 2 * b) - log_zhat.reshape(-1))
@@ -93,19 +100,23 @@ def _em_loss(log_zb, pos, state, index, key, shape, rate_decay, estimator, axis_
 def gamma_loss(z1: jax.Array, z2: jax.Array, state: dict, index: Optional[jax.Array],
                key: jax.Array, *, temperature, shape: float = 1.0, rate_decay=0.01,
                estimator: str = "per_example", include_positive: bool = False,
-               chunk_size: Optional[int] = None,
+               update_first: bool = False, chunk_size: Optional[int] = None,
                axis_name: Optional[str] = None) -> tuple[jax.Array, dict]:
   """Decomposable gamma-weighted loss, SimCLR layout (2B anchors, two views).
 
   For anchor k (each local view of z1 and z2) with negatives neg(k), the other
   2(b - 1) LOCAL views (plus the positive if include_positive):
     Zb_k   = mean_{j in neg(k)} exp(s_kj),                 s = cos / temperature,
-    Zhat_k <- (1 - rate_decay) Zhat_k + rate_decay Zb_k    (first visit: Zb_k),
-    loss   = mean_k [ -s_k+ + sg(eps_k / Zhat_k) Zb_k ],   eps_k ~ Gamma(shape, 1)/shape.
-  The expected gradient is that of mean_k [-s_k+ + log Z_k] with Z_k the
-  denominator over the whole data, when Zhat tracks Z. The value is NOT InfoNCE
-  (it is about -s+ + 1): log `nt_xent` to monitor. The state is updated first
-  and then used, as SogCLR does, so shape = inf reproduces SogCLR's gradient.
+    loss   = mean_k [ -s_k+ + sg(eps_k / Zhat_k) Zb_k ],   eps_k ~ Gamma(shape, 1)/shape,
+    Zhat_k <- (1 - rate_decay) Zhat_k + rate_decay Zb_k    (first visit: Zb_k).
+  u_k = eps_k / Zhat_k uses the estimate from BEFORE this batch (on a first visit, the
+  batch's Zb_k), so u_k is independent of the batch's negatives and the expected
+  gradient is that of mean_k [-s_k+ + log Z_k] (Z_k: the denominator over the whole
+  data) whenever Zhat_k = Z_k: exactly unbiased (tests/test_gamma_estimator.py).
+  update_first=True updates Zhat with the batch first and then draws u from it, as
+  SogCLR does: with shape = inf that is SogCLR's gradient, but u then depends on the
+  batch, which leaves a bias that grows with rate_decay. The value is NOT InfoNCE (it
+  is about -s+ + 1): log `nt_xent` to monitor.
 
   Args:
     z1, z2: [b, D] raw embeddings of two views (local shard under `axis_name`).
@@ -114,8 +125,13 @@ def gamma_loss(z1: jax.Array, z2: jax.Array, state: dict, index: Optional[jax.Ar
     key: PRNG key of the E-step draw (folded with the device index when sharded).
     temperature: > 0. shape: gamma shape > 0, float('inf') for eps = 1.
     rate_decay: weight of the new batch estimate in the running rate, [0, 1].
-    estimator: "per_example" (one Zhat per dataset example) or "global" (one per view).
+    estimator: "per_example" (one Zhat per dataset example) or "global" (one per view:
+      u = eps / Zbar, the data's mean denominator, so its expected gradient is that of
+      mean_k Z_k / Zbar, not of mean_k log Z_k: biased, about as much as minibatch
+      InfoNCE on the exact-expectation pool (experiments/estimator_bias.py). For
+      streams without stable indices only).
     include_positive: count the positive among the negatives (InfoNCE parity).
+    update_first: SogCLR's order (update Zhat with the batch, then draw u from it).
     axis_name: mesh axis inside `shard_map`: negatives stay local; only the loss
       mean and the state update (B index/value pairs, or 2 scalars) cross devices.
   Returns:
@@ -139,13 +155,14 @@ def gamma_loss(z1: jax.Array, z2: jax.Array, state: dict, index: Optional[jax.Ar
   lse, pos, n = common.two_view_lse(z1, z2, temperature, None,
                                     exclude_positive=not include_positive, chunk_size=chunk_size)
   log_zb = lse - jnp.log(float(n - 1 if include_positive else n - 2))
-  return _em_loss(log_zb, pos, state, index, key, shape, rate_decay, estimator, axis_name)
+  return _em_loss(log_zb, pos, state, index, key, shape, rate_decay, estimator, update_first,
+                  axis_name)
 
 
 def gamma_clip_loss(img: jax.Array, txt: jax.Array, state: dict, index: Optional[jax.Array],
                     key: jax.Array, *, temperature, shape: float = 1.0, rate_decay=0.01,
                     estimator: str = "per_example", include_positive: bool = False,
-                    chunk_size: Optional[int] = None,
+                    update_first: bool = False, chunk_size: Optional[int] = None,
                     axis_name: Optional[str] = None) -> tuple[jax.Array, dict]:
   """Decomposable gamma-weighted loss, two-modality (CLIP) layout.
 
@@ -185,4 +202,4 @@ def gamma_clip_loss(img: jax.Array, txt: jax.Array, state: dict, index: Optional
   pos = common.positive_scores(u_img, u_txt, inv_t)
   log_zb = jnp.concatenate([rows, cols]) - jnp.log(float(b if include_positive else b - 1))
   return _em_loss(log_zb, jnp.concatenate([pos, pos]), state, index, key, shape, rate_decay,
-                  estimator, axis_name)
+                  estimator, update_first, axis_name)
