@@ -23,8 +23,9 @@ def test_builtin_digits_are_real_and_split(data_dir, digits):
   from sklearn.datasets import load_digits
   test = pipeline.get_source("sklearn_digits", "test", data_dir)
   assert len(digits) + len(test) == 1797
-  x, y = pipeline.load_arrays(digits)
-  assert x.shape == (len(digits), 8, 8, 1) and x.dtype == np.float32
+  train = pipeline.InMemory(digits)
+  x, y = np.asarray(train.fields["image"]), np.asarray(train.fields["label"])
+  assert x.shape == (len(digits), 8, 8, 1) and x.dtype == np.uint8
   assert set(np.unique(y)) == set(range(10))
   # Every record is one of scikit-learn's images with its label.
   ref = load_digits()
@@ -33,9 +34,9 @@ def test_builtin_digits_are_real_and_split(data_dir, digits):
   for i in range(0, len(digits), 97):
     rec = digits[i]
     assert lookup[np.asarray(rec["image"]).reshape(-1).tobytes()] == int(rec["label"])
-  tx, _ = pipeline.load_arrays(test)
-  train_set = {r.tobytes() for r in (x * 255).round().astype(np.uint8)}
-  overlap = sum(r.tobytes() in train_set for r in (tx * 255).round().astype(np.uint8))
+  tx = np.asarray(pipeline.InMemory(test).fields["image"])
+  train_set = {r.tobytes() for r in x}
+  overlap = sum(r.tobytes() in train_set for r in tx)
   assert overlap <= 5  # only exact duplicate images that UCI itself contains
 
 

@@ -105,14 +105,6 @@ class InMemory:
     return {k: v[int(index)] for k, v in self.fields.items()}
 
 
-def load_arrays(source, limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
-  """All (or the first `limit`) records as (float32 images [N, H, W, C] in [0, 1], labels [N])."""
-  n = len(source) if limit is None else min(limit, len(source))
-  records = [source[i] for i in range(n)]
-  images = np.stack([to_float(r["image"]) for r in records])
-  return images, np.array([int(r["label"]) for r in records], np.int32)
-
-
 def to_float(image: np.ndarray) -> np.ndarray:
   image = np.asarray(image, np.float32) / 255.0
   return image[..., None] if image.ndim == 2 else image
