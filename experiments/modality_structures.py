@@ -247,7 +247,6 @@ def plot_embeddings(rows, out, n=500):
   """2-D PCA of test image / caption embeddings of seed 0's two-tower baseline, +all and
   forced alignment (weight 10), read from their checkpoints."""
   sys.path.insert(0, ROOT)
-  from contrastive_jax import plot as plot_lib  # pylint: disable=g-import-not-at-top
   from contrastive_jax import train  # pylint: disable=g-import-not-at-top
   for r in rows:
     if r["framework"] != "clip" or r["seed"] or r["variant"] not in ("baseline", "+all",
@@ -259,7 +258,7 @@ def plot_embeddings(rows, out, n=500):
     _, state, task = train.restore_for_eval(r["workdir"])
     _, test = task.eval_data(limit=1)
     e = task.embed_all(state["params"], test["image"][:n], test["captions"][:n, 0])
-    plot_lib.plot_modalities(e["img"], e["txt"], path, test["label"][:n])
+    plot.plot_modalities(e["img"], e["txt"], path, test["label"][:n])
 
 
 if __name__ == "__main__":

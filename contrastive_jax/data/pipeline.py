@@ -105,15 +105,15 @@ class InMemory:
     return {k: v[int(index)] for k, v in self.fields.items()}
 
 
-def to_float(image: np.ndarray) -> np.ndarray:
-  image = np.asarray(image, np.float32) / 255.0
-  return image[..., None] if image.ndim == 2 else image
-
-
 def uint8_image(image) -> np.ndarray:
   """A decoded image as uint8 [H, W, C] (a channel axis added to [H, W])."""
   image = np.asarray(image, np.uint8)
   return image[..., None] if image.ndim == 2 else image
+
+
+def to_float(image) -> np.ndarray:
+  """uint8 image(s) -> float32 in [0, 1], on the host (the step's is `augment.to_float`)."""
+  return uint8_image(image).astype(np.float32) / 255.0
 
 
 def channels_of(source) -> int:
