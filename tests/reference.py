@@ -102,23 +102,40 @@ def gamma_em(logits, pos, log_state_rows, log_eps, include_positive=False):
   return np.mean(np.exp(log_eps - log_state_rows + log_zb) - logits[rows, pos]), log_zb
 
 
-def _zhat(table, index, log_zb, rate, update_first):
+def _zhat(table, index, log_zb, rate, update_first, max_ratio=100.0):
   """(updated table, log Zhat the E-step uses [2b]): the pre-update rows (the batch's on a
-  first visit), or with update_first the updated rows (SogCLR's order)."""
+  first visit), or with update_first the updated rows (SogCLR's order); never below
+  Zb / max_ratio."""
   table = table.copy()
   old = table[:, index].copy()
   table[:, index] = ema(old, log_zb, rate)
   new = table[:, index]
   zhat = new if update_first else np.where(np.isfinite(old), old, new)
+  zhat = np.maximum(zhat, log_zb - np.log(max_ratio))
   return table, zhat.reshape(-1)
 
 
+def zhat_relative(table, level, index, log_zb, rate, max_ratio=100.0):
+  """estimator="relative": (new table, new level, log Zhat [2b]). Entries are offsets from
+  the level; the prior is offset + the level before this batch (the batch's own level on
+  the first step), and updated entries are stored against the new level."""
+  table = table.copy()
+  batch_level = np.array([logsumexp(row) - np.log(len(row)) for row in log_zb])
+  lvl = np.where(np.isfinite(level), level, batch_level)
+  new_level = ema(level, batch_level, rate)
+  old = table[:, index].copy()
+  table[:, index] = ema(old, log_zb - lvl[:, None], rate) + (lvl - new_level)[:, None]
+  zhat = np.where(np.isfinite(old), old + lvl[:, None], log_zb)
+  zhat = np.maximum(zhat, log_zb - np.log(max_ratio))
+  return table, new_level, zhat.reshape(-1)
+
+
 def gamma_two_view(z1, z2, table, index, log_eps, t, rate, include_positive=False, zhat=None,
-                   update_first=False):
+                   update_first=False, max_ratio=100.0):
   s, pos = two_view(z1, z2, t)
   b = len(z1)
   log_zb = neg_log_mean(s, pos, include_positive).reshape(2, b)
-  table, used = _zhat(table, index, log_zb, rate, update_first)
+  table, used = _zhat(table, index, log_zb, rate, update_first, max_ratio)
   if zhat is None:
     zhat = used
   loss, _ = gamma_em(s, pos, zhat, log_eps, include_positive)
@@ -126,13 +143,13 @@ def gamma_two_view(z1, z2, table, index, log_eps, t, rate, include_positive=Fals
 
 
 def gamma_clip(img, txt, table, index, log_eps, t, rate, include_positive=False, zhat=None,
-               update_first=False):
+               update_first=False, max_ratio=100.0):
   s = normalize(img) @ normalize(txt).T / t
   b = len(img)
   logits = np.concatenate([s, s.T])
   pos = np.tile(np.arange(b), 2)
   log_zb = neg_log_mean(logits, pos, include_positive).reshape(2, b)
-  table, used = _zhat(table, index, log_zb, rate, update_first)
+  table, used = _zhat(table, index, log_zb, rate, update_first, max_ratio)
   if zhat is None:
     zhat = used
   loss, _ = gamma_em(logits, pos, zhat, log_eps, include_positive)

@@ -120,10 +120,12 @@ def test_sogclr_value_grad_state():
 
 @pytest.mark.parametrize("layout", ["two_view", "clip"])
 @pytest.mark.parametrize("include_positive", [False, True])
-@pytest.mark.parametrize("shape,update_first", [(1.0, False), (3.0, True),
-                                                (float("inf"), False), (float("inf"), True)])
-def test_gamma_value_grad_state(layout, include_positive, shape, update_first):
-  z1, z2 = fresh_inputs(2, seed=seed_of(layout, include_positive, shape, update_first))
+@pytest.mark.parametrize("shape,update_first,max_ratio", [
+    (1.0, False, 100.0), (3.0, True, 100.0), (float("inf"), False, 100.0),
+    (float("inf"), True, 100.0), (1.0, False, 1.5), (float("inf"), False, float("inf"))])
+def test_gamma_value_grad_state(layout, include_positive, shape, update_first, max_ratio):
+  z1, z2 = fresh_inputs(2, seed=seed_of(layout, include_positive, shape, update_first,
+                                        max_ratio))
   n, rate = 30, 0.2
   rng = np.random.default_rng(7)
   index = rng.permutation(n)[:B]
@@ -136,9 +138,13 @@ def test_gamma_value_grad_state(layout, include_positive, shape, update_first):
   jax_fn = L.gamma_loss if layout == "two_view" else L.gamma_clip_loss
   ref_fn = ref.gamma_two_view if layout == "two_view" else ref.gamma_clip
   loss_ref, table_ref, zhat = ref_fn(z1, z2, table, index, log_eps, T, rate, include_positive,
-                                     update_first=update_first)
+                                     update_first=update_first, max_ratio=max_ratio)
+  if max_ratio == 1.5:  # the bound must act on some revisited anchor, or this case tests nothing
+    _, _, unbounded = ref_fn(z1, z2, table, index, log_eps, T, rate, include_positive,
+                             update_first=update_first, max_ratio=float("inf"))
+    assert np.any(zhat > unbounded + 1e-3)
   fn = lambda a, b: jax_fn(a, b, {"log_z": jnp.float32(table)}, jnp.asarray(index), key,
-                           temperature=T, shape=shape, rate_decay=rate,
+                           temperature=T, shape=shape, rate_decay=rate, max_ratio=max_ratio,
                            include_positive=include_positive, update_first=update_first)
   (loss, state), grads = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(
       jnp.float32(z1), jnp.float32(z2))
@@ -152,6 +158,37 @@ def test_gamma_value_grad_state(layout, include_positive, shape, update_first):
       [z1, z2])
   for g, gr in zip(grads, g_ref):
     assert_close(g, gr)
+
+
+def test_gamma_relative_estimator_value_grad_state():
+  """estimator="relative": offsets from a running level, against the float64 reference
+  over three steps (first step, revisits, the level moving)."""
+  z = fresh_inputs(6, seed=seed_of("relative"))
+  n, rate = 12, 0.3
+  rng = np.random.default_rng(11)
+  state = L.init_gamma_state(n, "relative")
+  table, level = np.full((2, n), -np.inf), np.full(2, -np.inf)
+  key = jax.random.key(5)
+  log_eps = np.asarray(jax.random.loggamma(key, 1.0, (2 * B,)), np.float64)
+  for step in range(3):
+    z1, z2 = z[2 * step], z[2 * step + 1]
+    index = rng.permutation(n)[:B]
+    s, pos = ref.two_view(z1, z2, T)
+    log_zb = ref.neg_log_mean(s, pos).reshape(2, B)
+    new_table, new_level, zhat = ref.zhat_relative(table, level, index, log_zb, rate)
+    loss_ref = lambda a, b: ref.gamma_em(ref.two_view(a, b, T)[0], pos, zhat, log_eps)[0]
+    fn = lambda a, b: L.gamma_loss(a, b, state, jnp.asarray(index), key, temperature=T,
+                                   rate_decay=rate, estimator="relative")
+    (loss, state), grads = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(
+        jnp.float32(z1), jnp.float32(z2))
+    assert_close(loss, loss_ref(z1, z2))
+    for g, gr in zip(grads, ref.numerical_grad(loss_ref, [z1, z2])):
+      assert_close(g, gr)
+    table, level = new_table, new_level
+    seen = np.isfinite(table)
+    np.testing.assert_array_equal(np.isfinite(state["log_z"]), seen)
+    assert_close(np.asarray(state["log_z"])[seen], table[seen])
+    assert_close(state["level"], level)
 
 
 def test_gamma_global_estimator_state():

@@ -7,7 +7,8 @@ maps names to losses for trainers.
 """
 
 from contrastive_jax.losses import registry
-from contrastive_jax.losses.gamma import gamma_clip_loss, gamma_loss, init_gamma_state
+from contrastive_jax.losses.gamma import (
+    decomposable_loss, gamma_clip_loss, gamma_loss, init_gamma_state)
 from contrastive_jax.losses.infonce import (
     clip_loss, dcl_loss, infonce, modality_contrastive_loss, momentum_distillation_loss,
     nt_xent)
@@ -17,7 +18,7 @@ from contrastive_jax.losses.structure import (
     brownian_bridge_loss, feature_separation_loss, geometric_consistency_loss)
 
 __all__ = [
-    "brownian_bridge_loss", "clip_loss", "dcl_loss", "feature_separation_loss",
+    "brownian_bridge_loss", "clip_loss", "dcl_loss", "decomposable_loss", "feature_separation_loss",
     "gamma_clip_loss", "gamma_loss", "geometric_consistency_loss", "infonce",
     "init_gamma_state", "init_sogclr_state", "modality_contrastive_loss",
     "momentum_distillation_loss", "nt_xent", "registry", "sigmoid_loss", "sogclr_loss",

@@ -223,7 +223,7 @@ def ema_log(old: jax.Array, new: jax.Array, rate) -> jax.Array:
 
 
 def update_table(table: jax.Array, index: jax.Array, values: jax.Array, rate,
-                 axis_name: Optional[str]) -> tuple[jax.Array, jax.Array]:
+                 axis_name: Optional[str], shift=None) -> tuple[jax.Array, jax.Array]:
   """EMA-updates rows `index` of a per-example log table and reads them back.
 
   Args:
@@ -232,6 +232,7 @@ def update_table(table: jax.Array, index: jax.Array, values: jax.Array, rate,
     axis_name: if set, every device applies every device's (index, value) pairs,
       so the replicated table stays identical: only 2 x B scalars per row cross
       devices, never embeddings.
+    shift: optional [R] added to the rows this call writes (after the EMA).
   Returns:
     (new table [R, N], updated local values [R, b]).
   """
@@ -244,19 +245,26 @@ def update_table(table: jax.Array, index: jax.Array, values: jax.Array, rate,
   old_rows = table[:, all_index]
   # A non-finite estimate (NaN or inf embeddings) never enters the table: the entry keeps
   # its old value.
-  new_rows = jnp.where(jnp.isfinite(all_values), ema_log(old_rows, all_values, rate), old_rows)
+  new_rows = ema_log(old_rows, all_values, rate)
+  if shift is not None:
+    new_rows = new_rows + jax.lax.stop_gradient(shift)[:, None]
+  new_rows = jnp.where(jnp.isfinite(all_values), new_rows, old_rows)
   table = table.at[:, all_index].set(new_rows)
   return table, table[:, index]
 
 
-def update_scalar(log_z: jax.Array, values: jax.Array, rate,
-                  axis_name: Optional[str]) -> jax.Array:
-  """EMA-updates global log-means log_z [R] with the batch log-mean of values [R, b].
+def batch_log_mean(values: jax.Array, axis_name: Optional[str]) -> jax.Array:
+  """log of the mean of exp(values) [R, b] over the (global) batch, [R].
 
   Across devices only two scalars per row are reduced (a max and a sum).
   """
-  values = jax.lax.stop_gradient(values.astype(log_z.dtype))
+  values = jax.lax.stop_gradient(values.astype(jnp.float32))
   log_sum = global_logsumexp(jax.nn.logsumexp(values, axis=1), axis_name)
-  count = global_sum(jnp.float32(values.shape[1]), axis_name)
-  new = log_sum - jnp.log(count)
+  return log_sum - jnp.log(global_sum(jnp.float32(values.shape[1]), axis_name))
+
+
+def update_scalar(log_z: jax.Array, values: jax.Array, rate,
+                  axis_name: Optional[str]) -> jax.Array:
+  """EMA-updates global log-means log_z [R] with the batch log-mean of values [R, b]."""
+  new = batch_log_mean(values, axis_name).astype(log_z.dtype)
   return jnp.where(jnp.isfinite(new), ema_log(log_z, new, rate), log_z)

@@ -13,6 +13,10 @@ local negatives only: no embedding crosses devices; the loss mean and the state
 update are the only communication.
 
 shape -> inf makes eps = 1: the deterministic EM, whose gradient is SogCLR's.
+
+`decomposable_loss` is the E/M step on precomputed per-anchor (log Zb_k, s_k+): it serves
+`gamma_loss`, `gamma_clip_loss` and any other similarity (experiments/gradient_bias.py
+runs it on a scalar problem).
 """
 
 import math
@@ -25,35 +29,47 @@ from contrastive_jax.losses import common
 from contrastive_jax.losses import streamed
 from contrastive_jax.metrics import l2_normalize
 
-ESTIMATORS = ("per_example", "global")
+ESTIMATORS = ("per_example", "relative", "global")
 
 
-def init_gamma_state(num_examples: Optional[int] = None, estimator: str = "per_example") -> dict:
-  """State of `gamma_loss` / `gamma_clip_loss`: log running denominators, unset (-inf).
+def init_gamma_state(num_examples: Optional[int] = None, estimator: str = "per_example",
+                     rows: int = 2) -> dict:
+  """State of the gamma losses: log running denominators, unset (-inf).
 
-  per_example: {"log_z": [2, N]}, one row per view (or per direction of the
-    two-modality form) and one entry per dataset example.
-  global: {"log_z": [2]}, one scalar per view/direction (no stable indices needed).
+  per_example: {"log_z": [rows, N]}, one row per view (or per direction of the
+    two-modality form; 2 for `gamma_loss` / `gamma_clip_loss`) and one entry per
+    dataset example.
+  relative: {"log_z": [rows, N], "level": [rows]}: each entry is its anchor's log
+    denominator minus the running level, which follows the drift of all anchors.
+  global: {"log_z": [rows]}, one scalar per view/direction (no stable indices needed).
   """
+  if rows < 1:
+    raise ValueError(f"rows must be >= 1, got {rows}")
   if estimator == "global":
-    return {"log_z": jnp.full((2,), -jnp.inf, jnp.float32)}
-  if estimator != "per_example":
+    return {"log_z": jnp.full((rows,), -jnp.inf, jnp.float32)}
+  if estimator not in ESTIMATORS:
     raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
   if num_examples is None or num_examples < 1:
-    raise ValueError(f"per_example gamma state needs num_examples >= 1, got {num_examples}")
-  return {"log_z": jnp.full((2, num_examples), -jnp.inf, jnp.float32)}
+    raise ValueError(f"{estimator} gamma state needs num_examples >= 1, got {num_examples}")
+  state = {"log_z": jnp.full((rows, num_examples), -jnp.inf, jnp.float32)}
+  if estimator == "relative":
+    state["level"] = jnp.full((rows,), -jnp.inf, jnp.float32)
+  return state
 
 
-def _check_options(shape, rate_decay, estimator, state):
+def _check_options(shape, rate_decay, max_ratio, estimator, state, rows=2):
   if estimator not in ESTIMATORS:
     raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
   common.check_positive("shape", shape)
-  want_ndim = 2 if estimator == "per_example" else 1
+  common.check_positive("max_ratio", max_ratio)
+  want_ndim = 1 if estimator == "global" else 2
   log_z = state.get("log_z") if isinstance(state, dict) else None
-  if log_z is None or log_z.ndim != want_ndim or log_z.shape[0] != 2:
+  level = state.get("level") if isinstance(state, dict) else None
+  if (log_z is None or log_z.ndim != want_ndim or log_z.shape[0] != rows or
+      (estimator == "relative") != (level is not None)):
     raise ValueError(
         f"state for estimator={estimator!r} must be init_gamma_state(..., estimator="
-        f"{estimator!r}) with log_z of rank {want_ndim} and 2 rows, got "
+        f"{estimator!r}) with log_z of rank {want_ndim} and {rows} rows, got "
         f"{getattr(log_z, 'shape', state)}")
   try:
     r = float(rate_decay)
@@ -71,36 +87,92 @@ def _log_eps(key: jax.Array, shape: float, n: int) -> jax.Array:
   return jax.random.loggamma(key, shape, (n,), jnp.float32) - jnp.log(shape)
 
 
-def _em_loss(log_zb, pos, state, index, key, shape, rate_decay, estimator, update_first,
-             axis_name):
-  """Shared E/M step. log_zb, pos [2b]: log mean-exp of each anchor's local negatives and its
-  positive logit; rows are 2 groups (views or directions) of b anchors."""
-  b = log_zb.shape[0] // 2
+def decomposable_loss(log_zb: jax.Array, pos: jax.Array, state: dict,
+                      index: Optional[jax.Array], key: jax.Array, *, shape: float = 1.0,
+                      rate_decay=0.01, max_ratio: float = 100.0,
+                      estimator: str = "per_example", update_first: bool = False,
+                      axis_name: Optional[str] = None) -> tuple[jax.Array, dict]:
+  """The stochastic-EM step of the gamma loss on precomputed per-anchor terms.
+
+  For each anchor k (row r, column i):
+    loss   = mean_k [ -s_k+ + sg(eps_k / Zhat_k) Zb_k ],   eps_k ~ Gamma(shape, 1) / shape,
+    Zhat_k = max(prior Zhat_k, Zb_k / max_ratio)   (first visit: Zb_k),
+    state  <- (1 - rate_decay) Zhat_k + rate_decay Zb_k.
+  With estimator="relative" the prior is the entry's offset times the running level
+  Lbar (a rate_decay EMA of the batch means of Zb, updated every step), read before this
+  batch updates either: an entry refreshed once an epoch then follows the drift that all
+  denominators share, and u_k still depends on past batches only.
+  Given Zhat_k = Z_k, the expected gradient is that of mean_k [-s_k+ + log Z_k] exactly,
+  whatever the minibatch: u_k does not depend on the batch's negatives. `max_ratio` only
+  acts when the batch's Zb_k exceeds the prior by that factor (a stale or unlucky prior,
+  heavy-tailed negatives): u_k then comes from Zb_k / max_ratio, which bounds the weight
+  Zb_k / Zhat_k of the step. Without it, 5 of 10 runs of the heavy-tailed toy end in NaN
+  (experiments/gradient_bias.py); inf turns it off.
+
+  Args:
+    log_zb: [R, b] log of each anchor's mean exp(similarity) over its negatives.
+    pos: [R, b] positive logits s_k+ (differentiable).
+    state: `init_gamma_state(N, estimator, rows=R)`.
+    index: [b] dataset indices of the columns (per_example; global ignores it).
+    key: PRNG key of the E-step draw (folded with the device index when sharded).
+    shape, rate_decay, max_ratio, estimator, update_first, axis_name: as `gamma_loss`.
+  Returns:
+    (float32 scalar loss, new state).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from contrastive_jax import losses
+    >>> x = jax.random.normal(jax.random.key(0), (8,))  # one anchor's 8 negative scores
+    >>> def loss(theta, state):  # log Zb = log mean exp(theta x), positive logit 2 theta
+    ...   log_zb = jax.nn.logsumexp(theta * x)[None, None] - jnp.log(8.0)
+    ...   return losses.decomposable_loss(log_zb, 2.0 * theta[None, None], state,
+    ...                                   jnp.zeros(1, jnp.int32), jax.random.key(1))
+    >>> state = losses.init_gamma_state(1, rows=1)
+    >>> grad, state = jax.grad(loss, has_aux=True)(jnp.float32(1.0), state)
+    >>> state["log_z"].shape
+    (1, 1)
+  """
+  rows, b = log_zb.shape
+  _check_options(shape, rate_decay, max_ratio, estimator, state, rows)
   if estimator == "per_example":
-    prior = state["log_z"][:, index]  # [2, b], read before this batch updates it
-    table, updated = common.update_table(state["log_z"], index, log_zb.reshape(2, b),
-                                         rate_decay, axis_name)
+    common.check_index(index, b, state["log_z"].shape[1])
+    prior = state["log_z"][:, index]  # [R, b], read before this batch updates it
+    table, updated = common.update_table(state["log_z"], index, log_zb, rate_decay, axis_name)
     new_state = {"log_z": table}
+  elif estimator == "relative":
+    common.check_index(index, b, state["log_z"].shape[1])
+    batch_level = common.batch_log_mean(log_zb, axis_name)  # [R]
+    old = state["level"]  # before this batch; the very first step has only the batch's
+    level = jnp.where(jnp.isfinite(old), old, batch_level)
+    new_level = common.update_scalar(old, log_zb, rate_decay, axis_name)
+    prior = state["log_z"][:, index] + level[:, None]
+    # Entries are written relative to the new level (the EMA is shift-equivariant).
+    table, offsets = common.update_table(state["log_z"], index, log_zb - level[:, None],
+                                         rate_decay, axis_name, shift=level - new_level)
+    updated = offsets + new_level[:, None]
+    new_state = {"log_z": table, "level": new_level}
   else:
-    prior = jnp.broadcast_to(state["log_z"][:, None], (2, b))
-    log_z = common.update_scalar(state["log_z"], log_zb.reshape(2, b), rate_decay, axis_name)
-    updated = jnp.broadcast_to(log_z[:, None], (2, b))
+    prior = jnp.broadcast_to(state["log_z"][:, None], (rows, b))
+    log_z = common.update_scalar(state["log_z"], log_zb, rate_decay, axis_name)
+    updated = jnp.broadcast_to(log_z[:, None], (rows, b))
     new_state = {"log_z": log_z}
   if update_first:  # SogCLR's order: u from the estimate that already holds this batch
     log_zhat = updated
   else:  # u independent of this batch's negatives; a first visit has only the batch
     log_zhat = jnp.where(jnp.isfinite(prior), prior, updated)
+  log_zhat = jnp.maximum(log_zhat, log_zb - jnp.log(jnp.float32(max_ratio)))
   if axis_name is not None:  # independent draws on every device
     key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-  log_u = jax.lax.stop_gradient(_log_eps(key, shape, 2 * b) - log_zhat.reshape(-1))
-  per_anchor = jnp.exp(log_u + log_zb) - pos  # u_k * Zb_k - s_k+, in log space
+  log_u = jax.lax.stop_gradient(_log_eps(key, shape, rows * b) - log_zhat.reshape(-1))
+  per_anchor = jnp.exp(log_u + log_zb.reshape(-1)) - pos.reshape(-1)  # u_k Zb_k - s_k+
   return common.global_mean(jnp.mean(per_anchor), axis_name), new_state
 
 
 def gamma_loss(z1: jax.Array, z2: jax.Array, state: dict, index: Optional[jax.Array],
                key: jax.Array, *, temperature, shape: float = 1.0, rate_decay=0.01,
-               estimator: str = "per_example", include_positive: bool = False,
-               update_first: bool = False, chunk_size: Optional[int] = None,
+               max_ratio: float = 100.0, estimator: str = "per_example",
+               include_positive: bool = False, update_first: bool = False,
+               chunk_size: Optional[int] = None,
                axis_name: Optional[str] = None) -> tuple[jax.Array, dict]:
   """Decomposable gamma-weighted loss, SimCLR layout (2B anchors, two views).
 
@@ -112,7 +184,9 @@ def gamma_loss(z1: jax.Array, z2: jax.Array, state: dict, index: Optional[jax.Ar
   u_k = eps_k / Zhat_k uses the estimate from BEFORE this batch (on a first visit, the
   batch's Zb_k), so u_k is independent of the batch's negatives and the expected
   gradient is that of mean_k [-s_k+ + log Z_k] (Z_k: the denominator over the whole
-  data) whenever Zhat_k = Z_k: exactly unbiased (tests/test_gamma_estimator.py).
+  data) whenever Zhat_k = Z_k: exactly unbiased (tests/test_gamma_estimator.py). A prior
+  more than max_ratio below the batch's Zb_k is raised to Zb_k / max_ratio (see
+  `decomposable_loss`).
   update_first=True updates Zhat with the batch first and then draws u from it, as
   SogCLR does: with shape = inf that is SogCLR's gradient, but u then depends on the
   batch, which leaves a bias that grows with rate_decay. The value is NOT InfoNCE (it
@@ -125,7 +199,11 @@ def gamma_loss(z1: jax.Array, z2: jax.Array, state: dict, index: Optional[jax.Ar
     key: PRNG key of the E-step draw (folded with the device index when sharded).
     temperature: > 0. shape: gamma shape > 0, float('inf') for eps = 1.
     rate_decay: weight of the new batch estimate in the running rate, [0, 1].
-    estimator: "per_example" (one Zhat per dataset example) or "global" (one per view:
+    max_ratio: > 0, bound on Zb_k / Zhat_k in u_k (inf: none); the default 100 keeps the
+      heavy-tailed toy of experiments/gradient_bias.py finite and leaves any batch within
+      100x of its prior exactly as it was.
+    estimator: "per_example" (one Zhat per dataset example), "relative" (one offset per
+      example from a level updated every step: see `decomposable_loss`) or "global" (one per view:
       u = eps / Zbar, the data's mean denominator, so its expected gradient is that of
       mean_k Z_k / Zbar, not of mean_k log Z_k: biased, about as much as minibatch
       InfoNCE on the exact-expectation pool (experiments/estimator_bias.py). For
@@ -149,20 +227,20 @@ def gamma_loss(z1: jax.Array, z2: jax.Array, state: dict, index: Optional[jax.Ar
   """
   common.check_embeddings(("z1", "z2"), z1, z2)
   common.check_positive("temperature", temperature)
-  _check_options(shape, rate_decay, estimator, state)
-  if estimator == "per_example":
-    common.check_index(index, z1.shape[0], state["log_z"].shape[1])
   lse, pos, n = common.two_view_lse(z1, z2, temperature, None,
                                     exclude_positive=not include_positive, chunk_size=chunk_size)
   log_zb = lse - jnp.log(float(n - 1 if include_positive else n - 2))
-  return _em_loss(log_zb, pos, state, index, key, shape, rate_decay, estimator, update_first,
-                  axis_name)
+  return decomposable_loss(log_zb.reshape(2, -1), pos.reshape(2, -1), state, index, key,
+                           shape=shape, rate_decay=rate_decay, max_ratio=max_ratio,
+                           estimator=estimator, update_first=update_first,
+                           axis_name=axis_name)
 
 
 def gamma_clip_loss(img: jax.Array, txt: jax.Array, state: dict, index: Optional[jax.Array],
                     key: jax.Array, *, temperature, shape: float = 1.0, rate_decay=0.01,
-                    estimator: str = "per_example", include_positive: bool = False,
-                    update_first: bool = False, chunk_size: Optional[int] = None,
+                    max_ratio: float = 100.0, estimator: str = "per_example",
+                    include_positive: bool = False, update_first: bool = False,
+                    chunk_size: Optional[int] = None,
                     axis_name: Optional[str] = None) -> tuple[jax.Array, dict]:
   """Decomposable gamma-weighted loss, two-modality (CLIP) layout.
 
@@ -189,9 +267,6 @@ def gamma_clip_loss(img: jax.Array, txt: jax.Array, state: dict, index: Optional
   """
   common.check_embeddings(("img", "txt"), img, txt)
   common.check_positive("temperature", temperature)
-  _check_options(shape, rate_decay, estimator, state)
-  if estimator == "per_example":
-    common.check_index(index, img.shape[0], state["log_z"].shape[1])
   b = img.shape[0]
   u_img, u_txt = l2_normalize(img), l2_normalize(txt)
   inv_t = common.inverse_temperature(temperature)
@@ -200,6 +275,7 @@ def gamma_clip_loss(img: jax.Array, txt: jax.Array, state: dict, index: Optional
   rows, cols = streamed.logsumexp(u_img, u_txt, inv_t, exclude, cols=True,
                                   chunk_size=chunk_size)
   pos = common.positive_scores(u_img, u_txt, inv_t)
-  log_zb = jnp.concatenate([rows, cols]) - jnp.log(float(b if include_positive else b - 1))
-  return _em_loss(log_zb, jnp.concatenate([pos, pos]), state, index, key, shape, rate_decay,
-                  estimator, update_first, axis_name)
+  log_zb = jnp.stack([rows, cols]) - jnp.log(float(b if include_positive else b - 1))
+  return decomposable_loss(log_zb, jnp.stack([pos, pos]), state, index, key, shape=shape,
+                           rate_decay=rate_decay, max_ratio=max_ratio, estimator=estimator,
+                           update_first=update_first, axis_name=axis_name)
