@@ -32,6 +32,9 @@ import numpy as np
 from contrastive_jax import plot
 from contrastive_jax import workdir as workdir_lib
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import stats  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {"baseline": {}, "+sep": {"sep": 0.1}, "+br": {"br": 1.0}, "+gc": {"gc": 0.01},
             "+all": {"sep": 0.1, "br": 1.0, "gc": 0.01}}
@@ -190,7 +193,6 @@ CLAIMS = {"clip": [("zero_shot/top1", "zero-shot"), ("retrieval/i2t_R@10", "i2t 
 
 def paired_differences(rows) -> list[str]:
   """Variant minus baseline of the same seed: mean and 95 % t-interval over seeds."""
-  from scipy import stats  # pylint: disable=g-import-not-at-top
   text = ["### Differences from the baseline, paired by seed (mean [95 % CI]; * = CI excludes 0)",
           ""]
   for fw, cols in CLAIMS.items():
@@ -204,10 +206,9 @@ def paired_differences(rows) -> list[str]:
         continue
       cells = []
       for k, _ in cols:
-        d = np.array([r[k] - base[r["seed"]][k] for r in rs])
-        half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
-        star = "*" if abs(d.mean()) > half else ""
-        cells.append(f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}]{star}")
+        d = stats.paired({r["seed"]: r[k] for r in rs}, {s: b[k] for s, b in base.items()})
+        star = "" if d["verdict"] == "tie" else "*"
+        cells.append(f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]{star}")
       lines.append(f"| {v} | {len(rs)} | " + " | ".join(cells) + " |")
     if lines:
       text += [f"{fw}:", "", "| variant | seeds | " + " | ".join(c for _, c in cols) + " |",
