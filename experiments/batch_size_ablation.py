@@ -271,7 +271,7 @@ def parse_args(argv=None):
   parser.add_argument("--out", default="results/batch_size_ablation")
   parser.add_argument("--quick", action="store_true",
                       help="MNIST, equal_steps, nt_xent at 16 and 64, gamma and sogclr at 16, "
-                           "5 seeds (about 8 min on 2 cores)")
+                           "5 seeds (about 4 min on 2 cores)")
   parser.add_argument("--datasets", default=",".join(DATASETS))
   parser.add_argument("--protocols", default=",".join(PROTOCOLS))
   parser.add_argument("--config", default="configs/mnist_gamma.py")
