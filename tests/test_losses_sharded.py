@@ -66,7 +66,9 @@ def test_one_vs_eight_devices(name, mesh):
   for v, g in ((v8, g8), (vj, gj)):
     np.testing.assert_allclose(v, v1, rtol=2e-6)
     for a, b in zip(g, g1):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7 * float(jnp.max(jnp.abs(b))) + 1e-9)
+      # Reordered float32 sums differ by a few ulps of the largest entry (1e-7 failed on
+      # one CPU by 1.9e-8 at a max of 0.12).
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(b))) + 1e-9)
 
 
 def test_sogclr_one_vs_eight_devices(mesh):
@@ -100,8 +102,7 @@ def elements(nbytes):
 
 
 def gamma_sharded(mesh, estimator):
-  state = L.init_gamma_state(1000, estimator) if estimator == "per_example" else \
-      L.init_gamma_state(estimator="global")
+  state = L.init_gamma_state(1000 if estimator != "global" else None, estimator)
 
   def loss(a, b, idx, key, axis_name="data"):
     return L.gamma_loss(a, b, state, idx, key, temperature=T, estimator=estimator,
@@ -119,11 +120,14 @@ def test_gamma_moves_no_embeddings(mesh):
   assert ops, "expected the scalar all-reduces of the loss and the state"
   assert all(op == "all-reduce" for op, _ in ops), ops
   assert sum(elements(n) for _, n in ops) <= 8, ops  # a few scalars: loss, 2 log-rates
-  # per_example: all-gathers carry only the B indices and 2 x B log-denominators.
-  ops = collectives(gamma_sharded(mesh, "per_example"), z1, z2, index, key)
-  assert not [op for op, _ in ops if op in ("all-to-all", "collective-permute")], ops
-  gathered = [elements(s) for op, s in ops if op == "all-gather"]
-  assert gathered and max(gathered) <= 2 * B < B * D, ops
+  # per_example, relative: all-gathers carry only the B indices and 2 x B log-denominators
+  # (relative adds a few scalar all-reduces for its level).
+  for estimator in ("per_example", "relative"):
+    ops = collectives(gamma_sharded(mesh, estimator), z1, z2, index, key)
+    assert not [op for op, _ in ops if op in ("all-to-all", "collective-permute")], ops
+    gathered = [elements(s) for op, s in ops if op == "all-gather"]
+    assert gathered and max(gathered) <= 2 * B < B * D, ops
+    assert all(elements(s) <= 8 for op, s in ops if op == "all-reduce"), ops
   # The check can fail: sharded CLIP all-gathers [B, D] embeddings.
   clip = jax.shard_map(lambda a, b: L.clip_loss(a, b, temperature=T, axis_name="data"),
                        mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P())

@@ -144,7 +144,8 @@ def decomposable_loss(log_zb: jax.Array, pos: jax.Array, state: dict,
     batch_level = common.batch_log_mean(log_zb, axis_name)  # [R]
     old = state["level"]  # before this batch; the very first step has only the batch's
     level = jnp.where(jnp.isfinite(old), old, batch_level)
-    new_level = common.update_scalar(old, log_zb, rate_decay, axis_name)
+    new_level = jnp.where(jnp.isfinite(batch_level),
+                          common.ema_log(old, batch_level, rate_decay), old)
     prior = state["log_z"][:, index] + level[:, None]
     # Entries are written relative to the new level (the EMA is shift-equivariant).
     table, offsets = common.update_table(state["log_z"], index, log_zb - level[:, None],
