@@ -52,6 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.progress = True  # a bar on a terminal; otherwise a plain line every progress_every_s
   c.progress_every_s = 60.0
   c.tensorboard = True  # event files (train/*, eval/*) beside metrics.jsonl
+  # Once asked to stop (a signal, a failed write, a lost lock), exit within this many
+  # seconds even if a write or another process blocks (code 1, one line).
+  c.stop_timeout_s = 300.0
   return c
 
 

@@ -29,7 +29,7 @@ MUTABLE_ON_RESUME = (
     "num_steps", "log_every", "progress", "eval_every", "eval_at_init", "evaluators",
     "final_evaluators", "eval_limit", "eval_split", "knn_k", "checkpoint_every",
     "keep_checkpoints", "data_dir", "data_threads", "data_workers", "data_cache", "distributed", "fsdp", "skip_nonfinite",
-    "progress_every_s", "tensorboard")
+    "progress_every_s", "tensorboard", "stop_timeout_s")
 
 
 class CheckpointError(RuntimeError):
@@ -40,11 +40,17 @@ def _warn(msg: str) -> None:
   print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def manager(workdir: workdir_lib.PathLike, keep: int) -> ocp.CheckpointManager:
-  """Orbax manager of workdir/checkpoints (Orbax writes gs:// itself, through tensorstore)."""
+def manager(workdir: workdir_lib.PathLike, keep: Optional[int] = None) -> ocp.CheckpointManager:
+  """Orbax manager of workdir/checkpoints (Orbax writes gs:// itself, through tensorstore).
+
+  Orbax deletes nothing by itself: old steps are removed by `save`, after the
+  trainer's fence, so a trainer that lost its workdir deletes nothing (`keep` is
+  accepted for callers that pass it, and unused).
+  """
+  del keep
   return ocp.CheckpointManager(
       workdir_lib.join(workdir, "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+      options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                            enable_async_checkpointing=True))
 
 
@@ -104,21 +110,34 @@ def inspect(state: Any) -> tuple[dict[str, int], list[str]]:
 # Save and restore.
 
 
-def save(mngr: ocp.CheckpointManager, state: dict, data_state: dict) -> None:
-  """Saves a finite state at its step (asynchronously) unless that step is saved.
+def rotate(mngr: ocp.CheckpointManager, keep: int) -> None:
+  """Waits for the save in flight, then deletes all but the newest `keep` steps.
+  (All processes call it: Orbax's delete is collective.)"""
+  mngr.wait_until_finished()
+  for step in sorted(mngr.all_steps())[:-keep]:
+    mngr.delete(step)
 
-  Raises FloatingPointError (nothing written) if any array holds a NaN or inf.
+
+def save(mngr: ocp.CheckpointManager, state: dict, data_state: dict, keep: int) -> bool:
+  """Saves a finite state at its step (asynchronously) unless that step is saved,
+  after completing the previous save and deleting steps beyond the newest `keep`
+  (so a good checkpoint is never deleted before a newer one is complete).
+
+  Returns whether a save started. Raises FloatingPointError (nothing written) if
+  any array holds a NaN or inf.
   """
   step = int(state["step"])
-  if step in mngr.all_steps():
-    return
   fingerprints, bad = inspect(state)
   if bad:
     raise FloatingPointError(f"the state at step {step} is not finite in {', '.join(bad[:3])}"
                              f"{' ...' if len(bad) > 3 else ''}: not checkpointed")
+  rotate(mngr, keep)
+  if step in mngr.all_steps():
+    return False
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data=ocp.args.JsonSave({**data_state, "fingerprints": fingerprints})))
+  return True
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_state, step: Optional[int] = None) -> dict:

@@ -37,9 +37,23 @@ def initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
   # A dead peer fails the next collective of the others (`train.main` reports it in one
   # line), and the watchdog catches the rest, both before JAX's own heartbeat check
   # would abort the process with a thread dump.
+  # A process that never starts (its ssh dropped) would make JAX abort the others with a
+  # C++ trace once initialization_timeout passes: exit with one line a little before.
+  joined = threading.Event()
+
+  def give_up():
+    if not joined.wait(d.timeout_s):
+      print(f"error: process {pid}: not all {num or 'the'} processes of this run joined "
+            f"(coordinator {d.coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS', 'auto')}) "
+            f"within {d.timeout_s} s (--config.distributed.timeout_s): is the trainer started "
+            "on every host? (scripts/launch_tpu.sh --action status)", file=sys.stderr, flush=True)
+      os._exit(1)
+
+  threading.Thread(target=give_up, daemon=True, name="join-timeout").start()
   jax.distributed.initialize(d.coordinator_address, num, pid,
-                             initialization_timeout=d.timeout_s,
+                             initialization_timeout=d.timeout_s + 60,
                              heartbeat_timeout_seconds=d.get("heartbeat_timeout_s", 100))
+  joined.set()
   _start_peer_watchdog(max(1.0, d.get("heartbeat_timeout_s", 100) / 2))
 
 

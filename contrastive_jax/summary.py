@@ -1,4 +1,5 @@
-"""TensorBoard event files of a run, beside its metrics.jsonl.
+"""A run's records: metrics.jsonl, TensorBoard event files and the console, behind
+one fenced writer (`MetricWriter`).
 
 Written with tensorboardX (no TensorFlow). Remote workdirs (gs://, s3://, az://)
 go through `etils.epath` like every other file of the run: an object store cannot
@@ -8,14 +9,22 @@ append, so an event file there is buffered and rewritten whole at each flush
   tensorboard --logdir WORKDIR    (a gs:// logdir needs TensorBoard's own GCS support)
 """
 
+import datetime
 import io
 import math
 import os
-from typing import Any, Optional
+import sys
+import time
+from typing import Any, Callable, Optional
 
 from etils import epath
-import tensorboardX
+from tensorboardX import event_file_writer
 from tensorboardX import record_writer
+from tensorboardX import summary as tb_summary
+from tensorboardX.proto import event_pb2
+import tqdm
+
+from contrastive_jax import workdir as workdir_lib
 
 
 class _ObjectFile:
@@ -65,28 +74,171 @@ def scalars(record: dict, prefix: str = "") -> dict[str, float]:
 class Writer:
   """Train and eval scalars of a run as TensorBoard events in `workdir`.
 
-  A run resumed at step `start` purges the events a dead run wrote after it
-  (TensorBoard's purge_step), as metrics.jsonl drops its records.
+  Events are written synchronously from the caller's thread (tensorboardX's
+  SummaryWriter queues them for a thread that, once dead on a full disk, lets
+  the queue fill and every later write block): a failing write raises OSError
+  where the trainer can stop on it. A run resumed at step `start` purges the
+  events a dead run wrote after it (TensorBoard's purge_step), as metrics.jsonl
+  drops its records.
   """
 
   def __init__(self, workdir: Any, start: int = 0, enabled: bool = True,
-               flush_secs: int = 30):
-    self.writer: Optional[tensorboardX.SummaryWriter] = None
+               flush_secs: float = 30.0):
+    self.writer = None
+    self.flush_secs = flush_secs
+    self.remote = "://" in os.fspath(workdir)
+    self._flushed = time.monotonic()
     if enabled:
-      self.writer = tensorboardX.SummaryWriter(
-          logdir=os.fspath(workdir), purge_step=start or None, flush_secs=flush_secs)
+      self.writer = event_file_writer.EventsWriter(os.path.join(os.fspath(workdir), "events"))
+      if start:
+        self.writer.write_event(event_pb2.Event(step=start, file_version="brain.Event:2"))
+        self.writer.write_event(event_pb2.Event(
+            step=start, session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+      self.flush()
 
   def write(self, step: int, record: dict, prefix: str) -> None:
     """Adds every finite number of record (see `scalars`) under prefix/ at step."""
-    if self.writer is not None:
-      for name, value in scalars(record, prefix).items():
-        self.writer.add_scalar(name, value, step)
+    if self.writer is None:
+      return
+    now = time.time()
+    for name, value in scalars(record, prefix).items():
+      self.writer.write_event(event_pb2.Event(
+          wall_time=now, step=step, summary=tb_summary.scalar(name, value)))
+    # Locally every record reaches the file at once (a full disk fails here, not later);
+    # an object store rewrites the whole file at each flush, so only every flush_secs.
+    if not self.remote or time.monotonic() - self._flushed >= self.flush_secs:
+      self.flush()
 
   def flush(self) -> None:
     if self.writer is not None:
       self.writer.flush()
+      self._flushed = time.monotonic()
 
   def close(self) -> None:
     if self.writer is not None:
-      self.writer.close()
-      self.writer = None
+      writer, self.writer = self.writer, None
+      writer.close()
+
+
+class Progress:
+  """Progress of the loop: a tqdm bar on a terminal; otherwise (nohup, a log file,
+  a batch job) one plain line every `every_s` seconds, since a bar's carriage-return
+  updates would pile up on one line of the log:
+
+    step 1200/5000 (24 %)  loss 3.1234  1,450 examples/s  ETA 0:04:10
+  """
+
+  def __init__(self, total: int, start: int, batch_size: int, *, enabled: bool,
+               every_s: float, stream=None):
+    self.stream = stream or sys.stdout
+    self.total, self.batch_size, self.every_s = total, batch_size, every_s
+    self.enabled = enabled
+    self.tty = enabled and self.stream.isatty()
+    self.bar = tqdm.tqdm(total=total, initial=start, desc="train", unit="step",
+                         dynamic_ncols=True, file=self.stream) if self.tty else None
+    self.loss = None
+    self._t, self._step = time.monotonic(), start
+
+  def update(self, step: int, loss: Optional[float] = None,
+             rate: Optional[float] = None) -> None:
+    """Step `step` is done (loss and examples/s when they were just logged)."""
+    if loss is not None:
+      self.loss = loss
+    if self.bar is not None:
+      self.bar.update(step - self.bar.n)
+      if loss is not None:
+        self.bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.0f}")
+      return
+    now = time.monotonic()
+    if not self.enabled or (now - self._t < self.every_s and step < self.total):
+      return
+    steps_per_s = (step - self._step) / max(now - self._t, 1e-9)
+    parts = [f"step {step}/{self.total} ({100 * step // self.total} %)"]
+    if self.loss is not None and math.isfinite(self.loss):
+      parts.append(f"loss {self.loss:.4f}")
+    if step > self._step:
+      parts.append(f"{steps_per_s * self.batch_size:,.0f} examples/s")
+      if step < self.total:
+        eta = datetime.timedelta(seconds=round((self.total - step) / steps_per_s))
+        parts.append(f"ETA {eta}")
+    print("  ".join(parts), file=self.stream, flush=True)
+    self._t, self._step = now, step
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+class WriteError(OSError):
+  """A file of the run could not be written (a full disk, a read-only workdir)."""
+
+
+class MetricWriter:
+  """The one place a run's records go: metrics.jsonl, TensorBoard and the console.
+
+  Every write is fenced: `fence()` (the workdir lock's check) must hold first, or
+  `workdir.LockLost` is raised and nothing is written. A sink that fails raises
+  WriteError with one line, and the writer writes nothing more after a failure or
+  a lost lock.
+  """
+
+  def __init__(self, workdir: Any, start: int, *, enabled: bool, tensorboard: bool,
+               progress: Progress, fence: Callable[[], bool]):
+    self.workdir, self.enabled, self.fence = workdir, enabled, fence
+    self.progress = progress
+    self.dead: Optional[str] = None
+    self.log = self.tb = None
+    if enabled:
+      self._guard(lambda: None)
+      self.log = self._io(lambda: workdir_lib.MetricsLog(workdir, start))
+      self.tb = self._io(lambda: Writer(workdir, start, enabled=tensorboard))
+
+  def _io(self, fn: Callable):
+    try:
+      return fn()
+    except OSError as e:
+      self.dead = f"cannot write the run's files in {self.workdir}: {_oneline(e)}"
+      raise WriteError(self.dead) from None
+
+  def _guard(self, fn: Callable) -> None:
+    if self.dead is not None:
+      return
+    if not self.fence():
+      self.dead = "lost the workdir lock"
+      raise workdir_lib.LockLost(
+          f"another trainer took the lock of {self.workdir}: this trainer writes nothing more")
+    self._io(fn)
+
+  def write(self, step: int, phase: str, record: dict) -> None:
+    """Appends {"step", "phase", **record} to the log and record's numbers to TensorBoard."""
+    if not self.enabled:
+      return
+    def both():
+      self.log.write({"step": step, "phase": phase, **record})
+      self.tb.write(step, {k: v for k, v in record.items() if k != "random_init"}, phase)
+    self._guard(both)
+
+  def flush(self) -> None:
+    if self.enabled:
+      self._guard(lambda: (self.log.flush(), self.tb.flush()))
+
+  def close(self) -> None:
+    """Flushes and closes what still can be (never raises: the run is ending)."""
+    self.progress.close()
+    if self.enabled and self.dead is None:
+      try:
+        self.flush()
+      except (OSError, workdir_lib.WorkdirError):
+        pass
+    if self.tb is not None:
+      try:
+        self.tb.close()
+      except OSError:
+        pass
+      self.tb = None
+
+
+def _oneline(e: BaseException) -> str:
+  why = getattr(e, "strerror", None) or str(e)
+  where = getattr(e, "filename", None)
+  return " ".join(f"{why}{f' ({where})' if where else ''}".split())

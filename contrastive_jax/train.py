@@ -16,14 +16,12 @@ step k continues exactly as if never stopped. SIGTERM (or Ctrl-C) saves a
 checkpoint and exits cleanly.
 """
 
-import datetime
+import errno
 import functools
 import json
 import math
 import re
-import signal
 import sys
-import threading
 import time
 from typing import Callable, NamedTuple, Optional
 
@@ -37,10 +35,10 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from etils import epath
-import tqdm
 
 from contrastive_jax import checkpointing
 from contrastive_jax import sharding
+from contrastive_jax import stopping
 from contrastive_jax import summary
 from contrastive_jax import tasks
 from contrastive_jax import workdir as workdir_lib
@@ -109,10 +107,10 @@ def build(cfg: ml_collections.ConfigDict, task: Optional[tasks.Task] = None) -> 
   """Task (default: cfg.task on cfg.dataset's train split), optimiser and state
   initialiser of cfg (raises on bad names)."""
   if task is None:
-    source = pipeline.get_source(cfg.dataset, "train", cfg.data_dir)
-    if cfg.get("data_cache", False):
-      source = pipeline.InMemory(source)
-    task = tasks.get(cfg, source)
+    def load():
+      source = pipeline.get_source(cfg.dataset, "train", cfg.data_dir)
+      return pipeline.InMemory(source) if cfg.get("data_cache", False) else source
+    task = tasks.get(cfg, _read_data(cfg, load))
   task.check_evaluators(cfg.evaluators, "evaluators")
   task.check_evaluators(cfg.final_evaluators, "final_evaluators")
   tx, schedule = make_optimizer(cfg)
@@ -167,55 +165,6 @@ def _print(*args):
     print(*args, flush=True)
 
 
-class Progress:
-  """Progress of the loop: a tqdm bar on a terminal; otherwise (nohup, a log file,
-  a batch job) one plain line every `every_s` seconds, since a bar's carriage-return
-  updates would pile up on one line of the log:
-
-    step 1200/5000 (24 %)  loss 3.1234  1,450 examples/s  ETA 0:04:10
-  """
-
-  def __init__(self, total: int, start: int, batch_size: int, *, enabled: bool,
-               every_s: float, stream=None):
-    self.stream = stream or sys.stdout
-    self.total, self.batch_size, self.every_s = total, batch_size, every_s
-    self.enabled = enabled
-    self.tty = enabled and self.stream.isatty()
-    self.bar = tqdm.tqdm(total=total, initial=start, desc="train", unit="step",
-                         dynamic_ncols=True, file=self.stream) if self.tty else None
-    self.loss = None
-    self._t, self._step = time.monotonic(), start
-
-  def update(self, step: int, loss: Optional[float] = None,
-             rate: Optional[float] = None) -> None:
-    """Step `step` is done (loss and examples/s when they were just logged)."""
-    if loss is not None:
-      self.loss = loss
-    if self.bar is not None:
-      self.bar.update(step - self.bar.n)
-      if loss is not None:
-        self.bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.0f}")
-      return
-    now = time.monotonic()
-    if not self.enabled or (now - self._t < self.every_s and step < self.total):
-      return
-    steps_per_s = (step - self._step) / max(now - self._t, 1e-9)
-    parts = [f"step {step}/{self.total} ({100 * step // self.total} %)"]
-    if self.loss is not None and math.isfinite(self.loss):
-      parts.append(f"loss {self.loss:.4f}")
-    if step > self._step:
-      parts.append(f"{steps_per_s * self.batch_size:,.0f} examples/s")
-      if step < self.total:
-        eta = datetime.timedelta(seconds=round((self.total - step) / steps_per_s))
-        parts.append(f"ETA {eta}")
-    print("  ".join(parts), file=self.stream, flush=True)
-    self._t, self._step = now, step
-
-  def close(self) -> None:
-    if self.bar is not None:
-      self.bar.close()
-
-
 class NonFiniteError(FloatingPointError):
   """The loss or the gradient norm of a step is NaN or inf."""
 
@@ -268,7 +217,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: workdir_lib.Path
   Nothing in the workdir is written before the config is known to be compatible
   with its checkpoints, the newest checkpoint that passes its checks is restored,
   a non-finite step stops the run before it is checkpointed, and one trainer at a
-  time holds the workdir (`workdir.Lock`).
+  time holds the workdir (`workdir.Lock`): every write is fenced by that lock.
+  All processes stop at the same step (`stopping.Stop`).
 
   Args:
     stop_at: stop after this step as if preempted (checkpoint, no final eval).
@@ -276,9 +226,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: workdir_lib.Path
     the final evaluation dict (also written to workdir/final_eval.json), or
     {"preempted": True, "step": k} when stopped early.
   Raises:
-    ValueError (bad setting), NonFiniteError, workdir.WorkdirError,
-    checkpointing.CheckpointError: each with a one-line message.
+    ValueError (bad setting), NonFiniteError, workdir.WorkdirError (also a lost
+    lock or a failed write), checkpointing.CheckpointError: each with a one-line message.
   """
+  if not str(workdir).strip():
+    raise ValueError("--workdir is empty (an unset $WORKDIR?): give the run's directory")
   validate(cfg)
   if stop_at is not None and stop_at < 0:
     raise ValueError(f"--stop_at={stop_at}: must be >= 0")
@@ -290,35 +242,44 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: workdir_lib.Path
   lead = jax.process_index() == 0
   workdir_lib.make(workdir)  # first: an unreachable workdir fails within seconds
   setup = build(cfg)
+  setup.task.check_eval(cfg)  # evaluation settings fail now, not after the run
   lock = workdir_lib.Lock(workdir)
   try:
     if lead:
       lock.acquire()
   finally:
     _agree(lock.held or not lead, "take the workdir lock")
+  mesh = sharding.make_mesh(cfg)
+  stop = stopping.Stop(mesh, sharding.BATCH_AXES, cfg.get("stop_timeout_s", 300.0))
+  stop.install()
   try:
-    return _train(cfg, workdir, stop_at, setup, lock)
+    return _train(cfg, workdir, stop_at, setup, lock, mesh, stop)
   finally:
+    stop.close()
     if lead:
       lock.release()
 
 
-def _train(cfg, workdir, stop_at, setup, lock) -> dict:
-  task = setup.task
-  lead = jax.process_index() == 0
-  mngr = checkpointing.manager(workdir, cfg.keep_checkpoints)
+def _check_resume(cfg, workdir, mngr) -> None:
+  """Refuses a config that differs from the stored one where it may not."""
+  if not mngr.all_steps():
+    return
   old = checkpointing.stored_config(workdir)
-  if old is not None and mngr.all_steps():
-    changes = checkpointing.config_changes(old, cfg)
-    if changes:
-      raise ValueError(
-          f"workdir {workdir} holds a run with a different config ({'; '.join(changes)}); "
-          f"only {', '.join(checkpointing.MUTABLE_ON_RESUME)} may change on resume: use a "
-          "new --workdir or the original config")
+  if old is None:
+    raise ValueError(
+        f"workdir {workdir} holds checkpoints (steps {sorted(mngr.all_steps())}) but no "
+        "config.json, so this config cannot be checked against theirs: put the run's "
+        "config.json back, or use a new --workdir")
+  changes = checkpointing.config_changes(old, cfg)
+  if changes:
+    raise ValueError(
+        f"workdir {workdir} holds a run with a different config ({'; '.join(changes)}); "
+        f"only {', '.join(checkpointing.MUTABLE_ON_RESUME)} may change on resume: use a "
+        "new --workdir or the original config")
 
-  mesh = sharding.make_mesh(cfg)
-  shardings = sharding.state_shardings(jax.eval_shape(setup.init), mesh)
-  data_sharding = sharding.batch_sharding(mesh)
+
+def _start(cfg, workdir, setup, mesh, shardings, mngr) -> tuple[dict, ocp.CheckpointManager]:
+  """The state to start from: the newest good checkpoint, else a fresh one."""
   state = jax.jit(setup.init, out_shardings=shardings)()
   restored, mngr = checkpointing.restore_newest_good(
       workdir, mngr, jax.tree.map(ocp.utils.to_shape_dtype_struct, state), cfg.keep_checkpoints)
@@ -326,130 +287,259 @@ def _train(cfg, workdir, stop_at, setup, lock) -> dict:
     state = restored["state"]
     _print(f"resumed from {workdir} at step {int(state['step'])} "
            f"(data iterator at batch {restored['data']['next_index']})")
-  start = int(state["step"])
-  if cfg.num_steps < start:
+  if cfg.num_steps < int(state["step"]):
     raise ValueError(f"--config.num_steps={cfg.num_steps} is below the step of the checkpoint "
-                     f"in {workdir} ({start}): set it to {start} or more")
-  skip = cfg.get("skip_nonfinite", False)
-  step_fn = make_step(setup, mesh, shardings, skip_nonfinite=skip)
+                     f"in {workdir} ({int(state['step'])}): set it to {int(state['step'])} or more")
+  return state, mngr
+
+
+def _open_writer(cfg, workdir, start, lock) -> summary.MetricWriter:
+  """Writes config.json and opens the run's records (process 0), once the config is
+  known compatible, the state restored and the step traced; all processes agree."""
+  lead = jax.process_index() == 0
+  progress = summary.Progress(cfg.num_steps, start, cfg.batch_size, enabled=lead and cfg.progress,
+                              every_s=cfg.get("progress_every_s", 60.0))
+  error = None
+  try:
+    writer = summary.MetricWriter(workdir, start, enabled=lead, progress=progress,
+                                  tensorboard=cfg.get("tensorboard", True), fence=lock.check)
+    if lead:
+      writer._guard(lambda: workdir_lib.write_text(  # pylint: disable=protected-access
+          workdir_lib.join(workdir, "config.json"), cfg.to_json(indent=2)))
+  except (OSError, workdir_lib.WorkdirError) as e:
+    error = e
+  _agree(error is None, "write the run's files")
+  if error is not None:
+    raise error
+  return writer
+
+
+def _train(cfg, workdir, stop_at, setup, lock, mesh, stop) -> dict:
+  task = setup.task
+  mngr = checkpointing.manager(workdir)
+  _check_resume(cfg, workdir, mngr)
+  shardings = sharding.state_shardings(jax.eval_shape(setup.init), mesh)
+  state, mngr = _start(cfg, workdir, setup, mesh, shardings, mngr)
+  start = int(state["step"])
+  step_fn = make_step(setup, mesh, shardings, skip_nonfinite=cfg.get("skip_nonfinite", False))
   ds = pipeline.train_dataset(
       task.train_src, batch_size=cfg.batch_size, seed=cfg.seed, transform=task.transform(),
       process_index=jax.process_index(), process_count=jax.process_count())
-  first = ds[start]
+  first = _read_data(cfg, lambda: ds[start])
   _trace_step(cfg, step_fn, state, {k: first[k] for k in task.batch_keys}, jax.process_count())
+  writer = _open_writer(cfg, workdir, start, lock)
+  loop = Loop(cfg, workdir, setup, mesh, mngr, writer, lock, stop, step_fn, ds)
+  try:
+    state, code = loop.run(state, start, stop_at)
+    loop.finish()
+    return _end(cfg, workdir, loop, state, code, start)
+  finally:
+    loop.finish()
+    writer.close()
 
-  if lead:  # compatible, restored and traced: now the workdir may be written
-    workdir_lib.write_text(workdir_lib.join(workdir, "config.json"), cfg.to_json(indent=2))
-  log = workdir_lib.MetricsLog(workdir, start, enabled=lead)
-  tb = summary.Writer(workdir, start, enabled=lead and cfg.get("tensorboard", True))
-  batches = iter(pipeline.read(ds[start:], cfg.data_threads, cfg.get("data_workers", 0)))
 
-  # SIGTERM (preemption) or a first Ctrl-C: checkpoint and exit at the next step. The
-  # handler stays until the last checkpoint is complete, so a second SIGTERM changes
-  # nothing; a second Ctrl-C interrupts at once.
-  preempted = threading.Event()
+def _read_data(cfg, fn: Callable):
+  """fn() (a read of the training data), with one line for unreadable data files."""
+  try:
+    return fn()
+  except (StopIteration, FileNotFoundError, stopping.Interrupted):
+    raise  # FileNotFoundError: get_source's own line (a dataset that is not prepared)
+  except Exception as e:  # array_record / tfds / grain raise many kinds
+    if isinstance(e, OSError) and getattr(e, "errno", None) == errno.ENOSPC:
+      raise
+    raise DataError(
+        f"dataset {cfg.dataset!r} in {cfg.data_dir or pipeline.DEFAULT_DATA_DIR} cannot be read "
+        f"({type(e).__name__}: {' '.join(str(e).split())[:200]}): its files are missing or "
+        "corrupt; delete that dataset's folder there and run again to prepare it (built-in "
+        "datasets), or prepare it again (docs/tpu.md)") from None
 
-  def on_signal(signum, _):
-    preempted.set()
-    if signum == signal.SIGINT:
-      signal.signal(signal.SIGINT, signal.default_int_handler)
 
-  old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-  eval_data = functools.cache(lambda: task.eval_data(cfg.eval_limit))  # at the first use
+class DataError(RuntimeError):
+  """The training or evaluation data cannot be read."""
 
-  def evaluate(names: str) -> dict:
+
+class Loop:
+  """The training loop of one run: steps, records, evaluations and checkpoints.
+
+  Every process runs the same loop and stops at the same step: writes happen on
+  process 0 behind the workdir lock's fence, and their failures become a vote
+  (`stopping.Stop`) instead of an exception on one process only.
+  """
+
+  def __init__(self, cfg, workdir, setup, mesh, mngr, writer, lock, stop, step_fn, ds):
+    self.cfg, self.workdir, self.setup, self.mesh = cfg, workdir, setup, mesh
+    self.mngr, self.writer, self.lock, self.stop = mngr, writer, lock, stop
+    self.step_fn, self.ds = step_fn, ds
+    self._finished = False
+    self.task = setup.task
+    self.lead = jax.process_index() == 0
+    self.skip = cfg.get("skip_nonfinite", False)
+    self.eval_data = functools.cache(lambda: self.task.eval_data(cfg.eval_limit))
+    self.init_eval = None
+    self.saved = None  # the step of the newest save this run started
+    self.data_sharding = sharding.batch_sharding(mesh)
+    # [first non-finite step or -1, count]: replicated, one per process too.
+    self.tally = jax.device_put(np.array([-1, 0], np.int32),
+                                jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    self.skipped = 0
+
+  def record(self, step: int, phase: str, record: dict) -> None:
+    """A record through the fenced writer; a failure becomes this process's stop vote."""
+    try:
+      self.writer.write(step, phase, record)
+    except workdir_lib.LockLost as e:
+      self.stop.request(stopping.FENCED, str(e))
+    except OSError as e:
+      self.stop.request(stopping.FAIL, str(e))
+
+  def evaluate(self, state, names: str) -> dict:
     if not names.strip():
       return {}
-    return task.evaluate(sharding.host_params(state["params"], mesh), eval_data(), names)
+    return self.task.evaluate(sharding.host_params(state["params"], self.mesh),
+                              self.eval_data(), names)
 
-  def save():
-    checkpointing.save(mngr, state, {"next_index": int(state["step"]), "seed": cfg.seed})
-    log.flush()
-    tb.flush()
+  def save(self, state) -> None:
+    """A checkpoint of state, if every process agrees that the run still owns the workdir."""
+    self.skipped = _check_finite(self.tally, self.skip)
+    if self.lead and not self.lock.check():
+      self.stop.request(stopping.FENCED, f"another trainer took the lock of {self.workdir}: "
+                        "this trainer writes nothing more")
+    if self.stop.now() == stopping.FENCED:
+      return
+    try:
+      if checkpointing.save(self.mngr, state, {"next_index": int(state["step"]),
+                                              "seed": self.cfg.seed}, self.cfg.keep_checkpoints):
+        self.saved = int(state["step"])
+      self.writer.flush()
+    except workdir_lib.LockLost as e:
+      self.stop.request(stopping.FENCED, str(e))
+    except OSError as e:
+      self.stop.request(stopping.FAIL, f"cannot write the run's files in {self.workdir}: "
+                        f"{summary._oneline(e)}")  # pylint: disable=protected-access
 
-  def log_eval(step: int, result: dict):
-    log.write({"step": step, "phase": "eval", **result})
-    tb.write(step, result, "eval")
-
-  progress = None
-  try:
+  def run(self, state, start: int, stop_at: Optional[int]) -> tuple[dict, int]:
+    """Steps from `start` until num_steps, stop_at or an agreed stop -> (state, code)."""
+    cfg = self.cfg
     if start == 0 and cfg.eval_at_init:
-      init_eval = evaluate(cfg.evaluators)
-      log_eval(0, init_eval)
-    progress = Progress(cfg.num_steps, start, cfg.batch_size, enabled=lead and cfg.progress,
-                        every_s=cfg.get("progress_every_s", 60.0))
+      self.init_eval = self.evaluate(state, cfg.evaluators)
+      self.record(0, "eval", self.init_eval)
+    batches = iter(pipeline.read(self.ds[start:], cfg.data_threads, cfg.get("data_workers", 0)))
     t_last, n_last = time.perf_counter(), start
-    # Non-finite steps are tallied on the device and read only where the host waits anyway
-    # (logging, checkpoints, the end): a state is never saved past an unread bad step.
-    tally = jax.device_put(np.array([-1, 0], np.int32),  # replicated: one per process too
-                           jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    skipped = 0
+    code = stopping.CONTINUE
     for step in range(start, cfg.num_steps):
-      if stop_at is not None and step >= stop_at:
-        preempted.set()
-      if preempted.is_set():
+      if stop_at is not None and step >= stop_at:  # the same step on every process
+        self.stop.request(stopping.PREEMPT, f"--stop_at={stop_at}")
+        code = stopping.PREEMPT
         break
-      if lock.lost.is_set():
-        raise workdir_lib.WorkdirError(f"another trainer took the lock of {workdir}: "
-                                       "stopped without writing")
-      local = next(batches)
-      batch = {k: jax.make_array_from_process_local_data(data_sharding, local[k])
-               for k in task.batch_keys}
-      state, logs = step_fn(state, batch)
+      if self.lead and self.lock.lost.is_set():
+        self.stop.request(stopping.FENCED, f"another trainer took the lock of {self.workdir}: "
+                          "this trainer writes nothing more")
+      code = self.stop.poll()
+      if code:
+        break
+      local = _read_data(cfg, lambda: next(batches))
+      batch = {k: jax.make_array_from_process_local_data(self.data_sharding, local[k])
+               for k in self.task.batch_keys}
+      state, logs = self.step_fn(state, batch)
       done = step + 1
-      tally = _track_nonfinite(tally, logs["finite"], jnp.int32(done))
+      self.tally = _track_nonfinite(self.tally, logs["finite"], jnp.int32(done))
       if done % cfg.log_every == 0 or done == cfg.num_steps:
-        skipped = _check_finite(tally, skip)
-        logs = jax.device_get(logs)
         now = time.perf_counter()
-        rate = (done - n_last) * cfg.batch_size / (now - t_last)
+        self.log_train(done, logs, (done - n_last) * cfg.batch_size / (now - t_last))
         t_last, n_last = now, done
-        record = {"step": done, "phase": "train", "lr": float(setup.schedule(done)),
-                  "examples_per_s": rate,
-                  **{k: float(v) for k, v in logs.items() if k != "finite"}}
-        if skip:
-          record["skipped_steps"] = skipped
-        log.write(record)
-        tb.write(done, {k: v for k, v in record.items() if k not in ("step", "phase")}, "train")
-        progress.update(done, record["loss"], rate)
       else:
-        progress.update(done)
+        self.writer.progress.update(done)
       if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.num_steps:
-        log_eval(done, evaluate(cfg.evaluators))
+        self.record(done, "eval", self.evaluate(state, cfg.evaluators))
       if done % cfg.checkpoint_every == 0:
-        skipped = _check_finite(tally, skip)
-        save()
-    skipped = _check_finite(tally, skip)
-    save()
-    mngr.wait_until_finished()
-  finally:
-    if progress is not None:
-      progress.close()
-    log.flush()
-    tb.flush()
-    mngr.wait_until_finished()  # a good checkpoint in flight is completed, whatever stopped us
-    mngr.close()
-    for signum, handler in old_handlers.items():
-      signal.signal(signum, handler)
-  if skipped:
-    _print(f"warning: skipped {skipped} non-finite step(s), the first at step "
-           f"{int(jax.device_get(tally)[0])}")
-  if preempted.is_set():
-    _print(f"stopped: checkpoint saved at step {int(state['step'])} in {workdir}; "
-           "run the same command to resume")
-    tb.close()
-    return {"preempted": True, "step": int(state["step"])}
+        self.save(state)
+    else:
+      code = self.stop.now()
+    if code != stopping.FENCED:
+      self.save(state)  # the last step (or where the run stopped)
+      code = max(code, self.stop.now())
+    return state, code
 
-  result = {"step": int(state["step"]), **evaluate(cfg.final_evaluators)}
+  def log_train(self, step: int, logs: dict, rate: float) -> None:
+    self.skipped = _check_finite(self.tally, self.skip)
+    logs = jax.device_get(logs)
+    record = {"lr": float(self.setup.schedule(step)), "examples_per_s": rate,
+              **{k: float(v) for k, v in logs.items() if k != "finite"}}
+    if self.skip:
+      record["skipped_steps"] = self.skipped
+    self.record(step, "train", record)
+    self.writer.progress.update(step, record["loss"], rate)
+
+  def finish(self) -> None:
+    """Completes a good checkpoint in flight, whatever stopped the loop (once)."""
+    if self._finished:
+      return
+    self._finished = True
+    try:
+      self.mngr.wait_until_finished()
+      if self.stop.code != stopping.FENCED:
+        checkpointing.rotate(self.mngr, self.cfg.keep_checkpoints)
+    except OSError as e:
+      self.saved = None
+      self.stop.request(stopping.FAIL, f"cannot write the checkpoint in {self.workdir}: "
+                        f"{summary._oneline(e)}")  # pylint: disable=protected-access
+    finally:
+      self.mngr.close()
+
+
+def _end(cfg, workdir, loop: Loop, state, code: int, start: int) -> dict:
+  """What the agreed stop means: an error, a preempted run, or the final evaluation."""
+  step = int(state["step"])
+  if loop.skipped:
+    _print(f"warning: skipped {loop.skipped} non-finite step(s), the first at step "
+           f"{int(jax.device_get(loop.tally)[0])}")
+  if loop.stop.code == stopping.FAIL:  # completing the last save failed
+    code = max(code, stopping.FAIL)
+  if code >= stopping.FAIL:
+    why = loop.stop.reason or ("another process of the run stopped it: it could not write the "
+                               "workdir or lost its lock (see process 0's log)")
+    if code == stopping.FENCED:
+      raise workdir_lib.LockLost(f"{why}; stopped at step {step}")
+    saved = (f"the last checkpoint is at step {loop.saved}" if loop.saved is not None else
+             "no checkpoint was written by this run")
+    raise workdir_lib.WorkdirError(f"{why}; stopped at step {step}, {saved}")
+  if code == stopping.PREEMPT:
+    _print(f"stopped: checkpoint saved at step {step} in {workdir}; run the same command to resume")
+    return {"preempted": True, "step": step}
+  return _final_eval(cfg, workdir, loop, state, start)
+
+
+def _final_eval(cfg, workdir, loop: Loop, state, start: int) -> dict:
+  """The final evaluation, written (fenced) to metrics.jsonl and final_eval.json. A stop
+  signal abandons it in a single process (the checkpoint is saved: the same command
+  evaluates it); several processes finish it, since it runs collectives."""
+  step = int(state["step"])
+  try:
+    if jax.process_count() == 1:
+      loop.stop.interruptible = True
+      if loop.stop.code:  # the signal came between the last save and here
+        raise stopping.Interrupted(loop.stop.reason)
+    result = {"step": step, **loop.evaluate(state, cfg.final_evaluators)}
+    loop.stop.interruptible = False
+  except stopping.Interrupted:
+    _print(f"stopped during the final evaluation: checkpoint saved at step {step} in {workdir}; "
+           "run the same command to evaluate it")
+    return {"preempted": True, "step": step}
   if start == 0 and cfg.eval_at_init:
-    result["random_init"] = init_eval
-  log.write({"phase": "final", **result})
-  log.flush()
-  tb.write(result["step"], {k: v for k, v in result.items() if k not in ("step", "random_init")},
-           "final")
-  tb.close()
-  if lead:
-    workdir_lib.write_json(workdir_lib.join(workdir, "final_eval.json"), result)
+    result["random_init"] = loop.init_eval
+  writer = loop.writer
+  lead = jax.process_index() == 0
+  try:
+    writer.write(step, "final", {k: v for k, v in result.items() if k != "step"})
+    if lead:
+      writer._guard(lambda: workdir_lib.write_json(  # pylint: disable=protected-access
+          workdir_lib.join(workdir, "final_eval.json"), result))
+      writer.flush()
+  except workdir_lib.LockLost as e:
+    raise workdir_lib.LockLost(f"{e}; the final evaluation of step {step} was not written")
+  except OSError as e:
+    raise workdir_lib.WorkdirError(f"cannot write the final evaluation in {workdir}: "
+                                   f"{summary._oneline(e)}")  # pylint: disable=protected-access
   return result
 
 
@@ -493,8 +583,8 @@ def main(argv):
              "--config configs/mnist_gamma.py --workdir runs/mnist_gamma")
   try:
     result = train_and_evaluate(_CONFIG.value, _WORKDIR.value, stop_at=_STOP_AT.value)
-  except (ValueError, FileNotFoundError, FloatingPointError, workdir_lib.WorkdirError,
-          checkpointing.CheckpointError) as e:
+  except (ValueError, OSError, FloatingPointError, workdir_lib.WorkdirError,
+          checkpointing.CheckpointError, DataError) as e:
     sharding.finish_peer_watchdog()
     sys.exit(f"error: {e}")
   except jax.errors.JaxRuntimeError as e:

@@ -28,8 +28,8 @@ from etils import epath
 PathLike = Union[str, os.PathLike]
 
 LOCK = "lock.json"
-HEARTBEAT_S = 20.0  # the lock holder rewrites its heartbeat this often
-STALE_S = 120.0  # a lock whose heartbeat is older is stale (its holder is dead)
+HEARTBEAT_S = 10.0  # the lock holder bumps its heartbeat this often
+STALE_S = 120.0  # a lock whose heartbeat does not change for this long is stale
 SETTLE_S = 1.0  # after taking over a lock, wait this long and re-read it (see `Lock`)
 
 
@@ -56,11 +56,31 @@ def join(workdir: PathLike, *parts: str) -> epath.Path:
   return root.joinpath(*parts)
 
 
+# As long a path below the workdir as a checkpoint writes (Orbax's OCDBT files), so a
+# workdir whose name leaves no room for them fails at start-up, not at the first save.
+_DEEPEST = ("checkpoints", "100000000.orbax-checkpoint-tmp-1700000000000000", "state",
+            "ocdbt.process_0", "d", "0123456789abcdef0123456789abcdef")
+
+
 def _probe(workdir: epath.Path) -> None:
   workdir.mkdir(parents=True, exist_ok=True)
   probe = workdir / f".write-test-{uuid.uuid4().hex}"
   probe.write_text("ok")
   probe.unlink()
+  if not is_remote(workdir):
+    top = workdir / f".write-test-{uuid.uuid4().hex}"
+    deep = top.joinpath(*_DEEPEST[1:])
+    try:
+      deep.parent.mkdir(parents=True)
+      deep.write_text("ok")
+    finally:
+      for p in [deep, *deep.parents]:
+        if p == workdir:
+          break
+        try:
+          p.unlink() if p == deep else p.rmdir()
+        except OSError:
+          pass
 
 
 def make(workdir: PathLike, timeout_s: Optional[float] = None) -> None:
@@ -114,11 +134,18 @@ def write_text(path: PathLike, text: str) -> None:
     epath.Path(path).write_text(text)
     return
   tmp = f"{os.fspath(path)}.tmp-{uuid.uuid4().hex[:8]}"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:  # a full disk: leave no partial temporary file behind
+    try:
+      os.unlink(tmp)
+    except OSError:
+      pass
+    raise
 
 
 def write_json(path: PathLike, obj: Any) -> None:
@@ -126,10 +153,16 @@ def write_json(path: PathLike, obj: Any) -> None:
 
 
 def read_json(path: PathLike) -> Optional[Any]:
+  """The JSON in path (None if there is no such file); WorkdirError naming the
+  file if it holds something else."""
   try:
-    return json.loads(epath.Path(path).read_text())
+    text = epath.Path(path).read_text()
   except FileNotFoundError:
     return None
+  try:
+    return json.loads(text)
+  except ValueError as e:
+    raise WorkdirError(f"{path} is not valid JSON ({e}): repair or remove it") from None
 
 
 class MetricsLog:
@@ -150,11 +183,14 @@ class MetricsLog:
     self._lines, self._pending, self._flushed = [], False, time.monotonic()
     if not enabled or not self.path.exists():
       return
-    for line in self.path.read_text().splitlines():
+    for n, line in enumerate(self.path.read_text().splitlines(), 1):
       try:
         record = json.loads(line)
       except json.JSONDecodeError:
         continue  # a line cut short by a kill
+      if not isinstance(record, dict):
+        _warn(f"{self.path} line {n} is not a record (a JSON object): dropped")
+        continue
       if start > 0 and record.get("phase") != "final" and record.get("step", 0) <= start:
         self._lines.append(json.dumps(finite_json(record), allow_nan=False) + "\n")
     write_text(self.path, "".join(self._lines))
@@ -189,18 +225,27 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
-class Lock:
-  """One trainer per workdir, also on shared filesystems (NFS, gcsfuse) where
-  `flock` does not lock across hosts.
+class LockLost(WorkdirError):
+  """This trainer no longer holds the workdir lock: it must write nothing more."""
 
-  The holder writes workdir/lock.json (host, pid, a random token) and refreshes
-  its `heartbeat` time every HEARTBEAT_S from a thread. Another trainer refuses
-  to start while the lock is live. A lock is stale when its holder is a dead pid
-  on this host, or when its heartbeat is older than STALE_S (a dead host); a
-  stale lock is taken over with a warning. Exclusive create settles a race on
-  filesystems that honour it; on the others the taker re-reads the lock after
-  SETTLE_S and only the trainer whose token is there goes on. The heartbeat
-  thread notices a lock taken by someone else and sets `lost`.
+
+class Lock:
+  """One trainer per workdir, also on shared filesystems (NFS, gcsfuse, gs://)
+  where `flock` does not lock across hosts.
+
+  The holder writes workdir/lock.json (host, pid, a random token and a beat
+  counter) and bumps the counter every `heartbeat_s` from a thread. Staleness is
+  judged on the reader's own clock, never by comparing two hosts' clocks: a lock
+  whose holder is a dead pid on this host is stale at once; otherwise the reader
+  watches the record, and it is live if it changes within `stale_s`, stale if it
+  does not (the holder is dead, hung or paused). A stale lock is taken over with a
+  warning; exclusive create settles a race where the filesystem honours it, and
+  elsewhere the taker re-reads the lock after SETTLE_S.
+
+  Fencing: `check()` compares the token in the file with ours, synchronously; the
+  trainer calls it before every write to the workdir, so a trainer that was paused
+  while another took over writes nothing more. A lock file that merely vanished
+  (deleted by hand) is re-created, since no other trainer holds it.
   """
 
   def __init__(self, workdir: PathLike, stale_s: float = STALE_S,
@@ -210,6 +255,8 @@ class Lock:
     self.stale_s, self.heartbeat_s = stale_s, heartbeat_s
     self.token = uuid.uuid4().hex
     self.lost = threading.Event()
+    self._beats = 0
+    self._mutex = threading.Lock()  # check/refresh from the loop and the heartbeat thread
     self._stop = threading.Event()
     self._thread = None
 
@@ -217,77 +264,122 @@ class Lock:
   def held(self) -> bool:
     return self._thread is not None
 
-  def _record(self) -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
-            "heartbeat": time.time()}
-
-  def _why_live(self, holder: Optional[dict]) -> Optional[str]:
-    """Why the lock held by `holder` is live, or None if it is stale."""
-    if holder is None:
-      return None
-    age = time.time() - float(holder.get("heartbeat", 0))
-    if age > self.stale_s:
-      return None
-    same_host = holder.get("host") == socket.gethostname()
-    if same_host and not _pid_alive(int(holder.get("pid", -1))):
-      return None
-    return (f"held by pid {holder.get('pid')} on {holder.get('host')} "
-            f"(heartbeat {age:.0f} s ago)")
+  def _record(self) -> str:
+    self._beats += 1
+    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
+                       "beat": self._beats, "time": time.time()})
 
   def _read(self) -> Optional[dict]:
+    """The lock record; None when there is none; {"unreadable": text} when the file
+    holds something else (half written, or not a JSON object)."""
     try:
-      return json.loads(self.path.read_text())
+      text = self.path.read_text()
     except FileNotFoundError:
       return None
-    except (json.JSONDecodeError, OSError, ValueError):  # half-written: judge by its age
-      try:
-        return {"heartbeat": self.path.stat().mtime}
-      except (FileNotFoundError, OSError):
-        return None
+    except OSError as e:
+      return {"unreadable": str(e)}
+    try:
+      record = json.loads(text)
+    except ValueError:
+      record = None
+    return record if isinstance(record, dict) else {"unreadable": text[:40]}
+
+  def _create(self) -> bool:
+    """Writes our record where there is none: False when someone else's appeared."""
+    if is_remote(self.path):  # no exclusive create on object stores: settle by re-reading
+      if self.path.exists():
+        return False
+      write_text(self.path, self._record())
+      time.sleep(SETTLE_S)
+      return (self._read() or {}).get("token") == self.token
+    try:
+      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "w") as f:
+      f.write(self._record())
+    return True
+
+  def _describe(self, holder: dict) -> str:
+    if "unreadable" in holder:
+      return f"an unreadable lock file ({holder['unreadable']!r})"
+    return f"pid {holder.get('pid')} on {holder.get('host')}"
+
+  def _watch(self, holder: dict) -> bool:
+    """Whether `holder`'s lock is live: its record changes within stale_s (our clock)."""
+    if (holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
+        and not _pid_alive(holder["pid"])):
+      return False
+    _warn(f"{self.path} is held by {self._describe(holder)}: watching its heartbeat for up "
+          f"to {self.stale_s:.0f} s to tell whether that trainer is alive")
+    deadline = time.monotonic() + self.stale_s
+    poll = min(1.0, self.heartbeat_s / 4)
+    while time.monotonic() < deadline:
+      time.sleep(poll)
+      now = self._read()
+      if now != holder:
+        return now is not None  # changed: live (or released, then we may take it)
+    return False
 
   def acquire(self) -> None:
     """Takes the lock or raises WorkdirError with one line."""
-    try:
-      if is_remote(self.path):  # no exclusive create on object stores: settle by re-reading
-        if self.path.exists():
-          raise FileExistsError
-        write_text(self.path, json.dumps(self._record()))
-        time.sleep(SETTLE_S)
-      else:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        with os.fdopen(fd, "w") as f:
-          f.write(json.dumps(self._record()))
-    except FileExistsError:
+    while not self._create():
       holder = self._read()
-      why = self._why_live(holder)
-      if why is not None:
+      if holder is None:
+        continue  # released meanwhile: try again
+      if self._watch(holder):
+        holder = self._read() or holder
         raise WorkdirError(
-            f"workdir {self.workdir} is in use by another trainer, {why}: "
-            f"use another --workdir, or stop that run (if it is dead, its lock goes stale "
-            f"{self.stale_s:.0f} s after its last heartbeat; or delete {self.path})") from None
-      _warn(f"taking over the stale lock of a dead trainer ({holder}) on {self.path}")
-      write_text(self.path, json.dumps(self._record()))
+            f"workdir {self.workdir} is in use by another trainer, {self._describe(holder)} "
+            f"(its heartbeat is moving): use another --workdir, or stop that run (a lock "
+            f"whose heartbeat stops for {self.stale_s:.0f} s is taken over)")
+      _warn(f"taking over the lock of {self.path} from {self._describe(holder)}: its heartbeat "
+            f"did not change for {self.stale_s:.0f} s (that trainer is dead, hung or paused; "
+            f"if it comes back, it will find the lock taken and write nothing more)")
+      write_text(self.path, self._record())
       time.sleep(SETTLE_S)
+      break
     if (self._read() or {}).get("token") != self.token:
       raise WorkdirError(f"workdir {self.workdir}: another trainer took the "
                          "lock at the same time: use another --workdir")
-    self._thread = threading.Thread(target=self._beat, daemon=True)
+    self._thread = threading.Thread(target=self._beat, daemon=True, name="workdir-lock")
     self._thread.start()
+
+  def check(self) -> bool:
+    """Whether this process still holds the lock (the fence before every write).
+
+    Compares the file's token with ours now. A lock file that vanished is written
+    again (no one else holds it); one that holds another token, or garbage, means
+    the lock is lost: `lost` is set and stays set.
+    """
+    if self.lost.is_set():
+      return False
+    with self._mutex:
+      holder = self._read()
+      if holder is None:
+        if self._create():
+          _warn(f"{self.path} had been removed: wrote it again (this trainer still holds it)")
+          return True
+      elif holder.get("token") == self.token:
+        return True
+      self.lost.set()
+      return False
 
   def _beat(self) -> None:
     while not self._stop.wait(self.heartbeat_s):
-      if (self._read() or {}).get("token") != self.token:
-        self.lost.set()
+      if not self.check():
         return
-      try:
-        write_text(self.path, json.dumps(self._record()))
-      except OSError as e:  # a flaky network filesystem: try again at the next beat
-        _warn(f"could not refresh {self.path}: {e}")
+      with self._mutex:
+        try:
+          write_text(self.path, self._record())
+        except OSError as e:  # a full disk or a flaky network filesystem: try again later
+          _warn(f"could not refresh {self.path}: {e}")
 
   def release(self) -> None:
     self._stop.set()
     if self._thread is not None:
       self._thread.join()
       self._thread = None
-      if (self._read() or {}).get("token") == self.token:
-        self.path.unlink()
+      with self._mutex:
+        if not self.lost.is_set() and (self._read() or {}).get("token") == self.token:
+          self.path.unlink()

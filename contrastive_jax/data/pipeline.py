@@ -11,6 +11,8 @@ import contextlib
 import dataclasses
 import fcntl
 import os
+import threading
+import time
 from typing import Optional
 
 from absl import flags
@@ -97,12 +99,24 @@ class InMemory:
       shapes = {np.shape(v) for v in values}
       self.fields[key] = np.stack(values) if len(shapes) == 1 else values
     self.length = len(records)
+    self.split_names = split_names(source)
 
   def __len__(self) -> int:
     return self.length
 
   def __getitem__(self, index) -> dict:
     return {k: v[int(index)] for k, v in self.fields.items()}
+
+
+def split_names(source) -> Optional[list[str]]:
+  """The splits of the dataset a source was read from (None if it does not say)."""
+  names = getattr(source, "split_names", None)
+  if names is not None:
+    return names
+  try:
+    return sorted(source.dataset_info.splits.keys())
+  except (AttributeError, TypeError):
+    return None
 
 
 def uint8_image(image) -> np.ndarray:
@@ -181,8 +195,23 @@ def read(ds: grain.MapDataset, threads: int, workers: int = 0,
   if workers:
     if not flags.FLAGS.is_parsed():  # grain reads absl flags; a library caller never parsed them
       flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=workers))
+    it = it.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=workers),
+                        worker_init_fn=_exit_with_parent)
   return it
+
+
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+  """grain worker set-up: the worker ends once the trainer that started it is gone
+  (a trainer killed with kill -9 cannot stop its workers itself)."""
+  del worker_index, worker_count
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    os._exit(0)  # nothing of the worker's is worth keeping: its reader is dead
+
+  threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def eval_batches(source, transform: grain.transforms.Map, batch_size: int,

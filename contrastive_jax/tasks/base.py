@@ -69,6 +69,22 @@ class Task:
       out.update(getattr(self, self.evaluators[name])(ctx))
     return out
 
+  min_eval_examples = 10  # fewer cannot give an accuracy worth printing
+
+  def check_eval(self, cfg: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the field for evaluation settings that would fail or
+    mislead only after training: an unknown eval split, too small an eval_limit."""
+    if not (cfg.get("evaluators", "").strip() or cfg.get("final_evaluators", "").strip()):
+      return
+    splits = pipeline.split_names(self.train_src)
+    if splits is not None and cfg.get("eval_split") not in splits:
+      raise ValueError(f"--config.eval_split={cfg.get('eval_split')!r}: dataset "
+                       f"{cfg.get('dataset')!r} has the splits {', '.join(splits)}")
+    limit = cfg.get("eval_limit")
+    if limit is not None and limit < self.min_eval_examples:
+      raise ValueError(f"--config.eval_limit={limit}: the probes need at least "
+                       f"{self.min_eval_examples} examples (or None: all)")
+
   def check_evaluators(self, names: str, field: str = "evaluators") -> list[str]:
     """The names of a comma-separated list; a one-line error for one the task lacks."""
     names = [n.strip() for n in names.split(",") if n.strip()]

@@ -40,6 +40,17 @@ class TwoView(base.Task):
     if self.size:
       self.image_shape = (self.size, self.size, self.channels)
 
+  def check_eval(self, cfg):
+    super().check_eval(cfg)
+    names = f"{cfg.evaluators},{cfg.final_evaluators}".split(",")
+    if "knn" in [n.strip() for n in names]:
+      n = len(self.train_src) if cfg.eval_limit is None else min(cfg.eval_limit,
+                                                                  len(self.train_src))
+      k = cfg.knn_k
+      if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n:
+        raise ValueError(f"--config.knn_k={k!r}: must be an integer in [1, {n}] (the train "
+                         "examples the kNN probe searches)")
+
   def transform(self):
     return pipeline.TwoViews(self.train_src, self.augment, self.size, self.channels)
 
