@@ -55,6 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Once asked to stop (a signal, a failed write, a lost lock), exit within this many
   # seconds even if a write or another process blocks (code 1, one line).
   c.stop_timeout_s = 300.0
+  # Another trainer's workdir lock is stale (taken over) when its heartbeat does not change
+  # for this many seconds, as seen from this host's clock.
+  c.lock_stale_s = 120.0
   return c
 
 

@@ -29,7 +29,8 @@ MUTABLE_ON_RESUME = (
     "num_steps", "log_every", "progress", "eval_every", "eval_at_init", "evaluators",
     "final_evaluators", "eval_limit", "eval_split", "knn_k", "checkpoint_every",
     "keep_checkpoints", "data_dir", "data_threads", "data_workers", "data_cache", "distributed", "fsdp", "skip_nonfinite",
-    "progress_every_s", "tensorboard", "stop_timeout_s")
+    "progress_every_s", "tensorboard", "stop_timeout_s",
+    "lock_stale_s")
 
 
 class CheckpointError(RuntimeError):

@@ -197,7 +197,7 @@ class MetricWriter:
     try:
       return fn()
     except OSError as e:
-      self.dead = f"cannot write the run's files in {self.workdir}: {_oneline(e)}"
+      self.dead = f"cannot write the run's files in {self.workdir}: {workdir_lib.describe_error(e)}"
       raise WriteError(self.dead) from None
 
   def _guard(self, fn: Callable) -> None:
@@ -236,9 +236,3 @@ class MetricWriter:
       except OSError:
         pass
       self.tb = None
-
-
-def _oneline(e: BaseException) -> str:
-  why = getattr(e, "strerror", None) or str(e)
-  where = getattr(e, "filename", None)
-  return " ".join(f"{why}{f' ({where})' if where else ''}".split())

@@ -19,9 +19,12 @@ checkpoint and exits cleanly.
 import errno
 import functools
 import json
+import logging as pylogging
 import math
+import os
 import re
 import sys
+import threading
 import time
 from typing import Callable, NamedTuple, Optional
 
@@ -57,9 +60,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _positive_int(cfg, name)
   for name in ("warmup_steps", "eval_every", "data_threads", "data_workers"):
     _positive_int(cfg, name, minimum=0)
-  every = cfg.get("progress_every_s", 60.0)
-  if not isinstance(every, (int, float)) or not every > 0:
-    raise ValueError(f"--config.progress_every_s={every!r}: must be a number > 0")
+  for name, default in (("progress_every_s", 60.0), ("stop_timeout_s", 300.0),
+                        ("lock_stale_s", 120.0)):
+    v = cfg.get(name, default)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+      raise ValueError(f"--config.{name}={v!r}: must be a number > 0")
   if cfg.get("eval_limit") is not None:
     _positive_int(cfg, "eval_limit")
   for name in ("learning_rate", "weight_decay"):
@@ -243,7 +248,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: workdir_lib.Path
   workdir_lib.make(workdir)  # first: an unreachable workdir fails within seconds
   setup = build(cfg)
   setup.task.check_eval(cfg)  # evaluation settings fail now, not after the run
-  lock = workdir_lib.Lock(workdir)
+  lock = workdir_lib.Lock(workdir, stale_s=cfg.get("lock_stale_s", workdir_lib.STALE_S))
   try:
     if lead:
       lock.acquire()
@@ -377,6 +382,7 @@ class Loop:
     self.eval_data = functools.cache(lambda: self.task.eval_data(cfg.eval_limit))
     self.init_eval = None
     self.saved = None  # the step of the newest save this run started
+    self.completed = None  # the step of the newest save known complete
     self.data_sharding = sharding.batch_sharding(mesh)
     # [first non-finite step or -1, count]: replicated, one per process too.
     self.tally = jax.device_put(np.array([-1, 0], np.int32),
@@ -407,15 +413,20 @@ class Loop:
     if self.stop.now() == stopping.FENCED:
       return
     try:
-      if checkpointing.save(self.mngr, state, {"next_index": int(state["step"]),
-                                              "seed": self.cfg.seed}, self.cfg.keep_checkpoints):
+      started = checkpointing.save(self.mngr, state, {"next_index": int(state["step"]),
+                                                      "seed": self.cfg.seed},
+                                   self.cfg.keep_checkpoints)
+      self.completed = self.saved  # save() completed the previous save first
+      if started:
         self.saved = int(state["step"])
       self.writer.flush()
     except workdir_lib.LockLost as e:
       self.stop.request(stopping.FENCED, str(e))
-    except OSError as e:
+    except FloatingPointError:
+      raise
+    except Exception as e:  # Orbax and TensorStore raise many kinds for a failed write
       self.stop.request(stopping.FAIL, f"cannot write the run's files in {self.workdir}: "
-                        f"{summary._oneline(e)}")  # pylint: disable=protected-access
+                        f"{workdir_lib.describe_error(e)}")
 
   def run(self, state, start: int, stop_at: Optional[int]) -> tuple[dict, int]:
     """Steps from `start` until num_steps, stop_at or an agreed stop -> (state, code)."""
@@ -477,14 +488,17 @@ class Loop:
     self._finished = True
     try:
       self.mngr.wait_until_finished()
+      self.completed = self.saved
       if self.stop.code != stopping.FENCED:
         checkpointing.rotate(self.mngr, self.cfg.keep_checkpoints)
-    except OSError as e:
-      self.saved = None
+    except Exception as e:  # Orbax and TensorStore raise many kinds for a failed write
       self.stop.request(stopping.FAIL, f"cannot write the checkpoint in {self.workdir}: "
-                        f"{summary._oneline(e)}")  # pylint: disable=protected-access
+                        f"{workdir_lib.describe_error(e)}")
     finally:
-      self.mngr.close()
+      try:
+        self.mngr.close()
+      except Exception:  # the failure above already said why  # noqa: BLE001
+        pass
 
 
 def _end(cfg, workdir, loop: Loop, state, code: int, start: int) -> dict:
@@ -500,8 +514,9 @@ def _end(cfg, workdir, loop: Loop, state, code: int, start: int) -> dict:
                                "workdir or lost its lock (see process 0's log)")
     if code == stopping.FENCED:
       raise workdir_lib.LockLost(f"{why}; stopped at step {step}")
-    saved = (f"the last checkpoint is at step {loop.saved}" if loop.saved is not None else
-             "no checkpoint was written by this run")
+    newest = loop.completed if loop.completed is not None else (start or None)
+    saved = (f"the newest complete checkpoint is step {newest}" if newest is not None else
+             "there is no complete checkpoint")
     raise workdir_lib.WorkdirError(f"{why}; stopped at step {step}, {saved}")
   if code == stopping.PREEMPT:
     _print(f"stopped: checkpoint saved at step {step} in {workdir}; run the same command to resume")
@@ -539,7 +554,7 @@ def _final_eval(cfg, workdir, loop: Loop, state, start: int) -> dict:
     raise workdir_lib.LockLost(f"{e}; the final evaluation of step {step} was not written")
   except OSError as e:
     raise workdir_lib.WorkdirError(f"cannot write the final evaluation in {workdir}: "
-                                   f"{summary._oneline(e)}")  # pylint: disable=protected-access
+                                   f"{workdir_lib.describe_error(e)}")
   return result
 
 
@@ -575,9 +590,58 @@ _STOP_AT = flags.DEFINE_integer("stop_at", None, "Checkpoint and exit after this
                                 "preempted (time-boxed jobs, tests).")
 
 
+class _NoOrbaxErrors(pylogging.Filter):
+  """Drops Orbax's own error logs (tracebacks from its save threads): the trainer
+  reports a failed save itself, in one line."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return record.levelno < pylogging.ERROR or "orbax" not in record.pathname
+
+
+class _NoThreadTracebacks:
+  """sys.stderr of the CLI without the tracebacks that background threads print
+  (Orbax's save threads and TensorStore's callbacks, dozens of them when a save
+  fails on a full disk): the trainer reports such a failure itself, in one line.
+  The main thread's output, and every other line, pass unchanged.
+  CONTRASTIVE_JAX_DEBUG=1 keeps everything."""
+
+  _INSIDE = ("Traceback (most recent call last):", "During handling of the above",
+             "The above exception was", "Exception in thread")
+
+  def __init__(self, stream):
+    self.stream = stream
+    self._state = threading.local()
+
+  def write(self, text: str) -> int:
+    if threading.current_thread() is threading.main_thread():
+      return self.stream.write(text)
+    st = self._state
+    buffered = getattr(st, "line", "") + text
+    *lines, st.line = buffered.split("\n")
+    for line in lines:
+      if getattr(st, "inside", False):
+        # Frames are indented; the exception's own line ends the block (chains re-enter).
+        st.inside = not line or line.startswith((" ", *self._INSIDE))
+      elif line.startswith(self._INSIDE):
+        st.inside = True
+      else:
+        self.stream.write(line + "\n")
+    return len(text)
+
+  def flush(self) -> None:
+    self.stream.flush()
+
+  def __getattr__(self, name):
+    return getattr(self.stream, name)
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  logging.get_absl_logger().addFilter(_NoOrbaxErrors())
+  pylogging.getLogger("asyncio").setLevel(pylogging.CRITICAL)  # Orbax's failed save tasks
+  if not os.environ.get("CONTRASTIVE_JAX_DEBUG"):
+    sys.stderr = _NoThreadTracebacks(sys.stderr)
   if _CONFIG.value is None or _WORKDIR.value is None:
     sys.exit("error: --config and --workdir are required, e.g. "
              "--config configs/mnist_gamma.py --workdir runs/mnist_gamma")

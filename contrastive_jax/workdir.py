@@ -116,6 +116,24 @@ def make(workdir: PathLike, timeout_s: Optional[float] = None) -> None:
   raise WorkdirError(f"workdir {workdir} is not writable: {' '.join(str(why).split())}")
 
 
+# What a storage failure says, found in the long messages of Orbax and TensorStore too.
+_CAUSES = ("No space left on device", "Read-only file system", "Permission denied",
+           "Disk quota exceeded", "File name too long", "Input/output error")
+
+
+def describe_error(e: BaseException) -> str:
+  """One line saying why a write failed: an OSError's strerror (and file), else the
+  known cause inside a library's message, else its first 200 characters."""
+  if isinstance(e, OSError) and e.strerror:
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    return f"{e.strerror}{where}"
+  text = " ".join(str(e).split())
+  for cause in _CAUSES:
+    if cause in text:
+      return cause
+  return f"{type(e).__name__}: {text[:200]}"
+
+
 def finite_json(obj: Any) -> Any:
   """obj with every non-finite float replaced by None (strict JSON has no NaN)."""
   if isinstance(obj, float):
@@ -245,7 +263,9 @@ class Lock:
   Fencing: `check()` compares the token in the file with ours, synchronously; the
   trainer calls it before every write to the workdir, so a trainer that was paused
   while another took over writes nothing more. A lock file that merely vanished
-  (deleted by hand) is re-created, since no other trainer holds it.
+  (deleted by hand) is re-created, since no other trainer holds it. Releasing
+  leaves the file, marked released under the releaser's token, which the next
+  trainer takes at once and a paused old holder sees as not its own.
   """
 
   def __init__(self, workdir: PathLike, stale_s: float = STALE_S,
@@ -301,6 +321,8 @@ class Lock:
     return True
 
   def _describe(self, holder: dict) -> str:
+    if holder.get("released"):
+      return f"pid {holder.get('pid')} on {holder.get('host')} (released)"
     if "unreadable" in holder:
       return f"an unreadable lock file ({holder['unreadable']!r})"
     return f"pid {holder.get('pid')} on {holder.get('host')}"
@@ -326,7 +348,11 @@ class Lock:
     while not self._create():
       holder = self._read()
       if holder is None:
-        continue  # released meanwhile: try again
+        continue  # removed meanwhile: try again
+      if holder.get("released"):  # the last trainer ended: take it, settle any race
+        write_text(self.path, self._record())
+        time.sleep(SETTLE_S)
+        break
       if self._watch(holder):
         holder = self._read() or holder
         raise WorkdirError(
@@ -380,6 +406,16 @@ class Lock:
     if self._thread is not None:
       self._thread.join()
       self._thread = None
+      # The lock stays, marked released under our token: a trainer that was paused while
+      # we took over must find a token not its own, never an empty place to take again.
       with self._mutex:
         if not self.lost.is_set() and (self._read() or {}).get("token") == self.token:
-          self.path.unlink()
+          try:
+            write_text(self.path, json.dumps({"released": True, "token": self.token,
+                                              "host": socket.gethostname(), "pid": os.getpid()}))
+          except OSError:  # a full disk: removing needs no room
+            try:
+              self.path.unlink()
+            except OSError as e:
+              _warn(f"could not release {self.path} ({e}): the next trainer waits until it "
+                    "is stale")

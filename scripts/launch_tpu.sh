@@ -11,14 +11,15 @@
 # Python 3.11 environment and the project on every worker (scripts/tpu_worker.sh setup),
 # start the trainer detached on every worker (scripts/tpu_worker.sh start; its log goes
 # to WORKDIR/logs/). --dry-run prints the gcloud commands and runs nothing.
-# Afterwards, with the same --name/--zone: --action log | stop | delete.
+# Afterwards, with the same --name/--zone: --action log | status | stop | kill | delete
+# (stop: checkpoint and exit 0 on every worker; kill: SIGKILL at once).
 set -euo pipefail
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "launch_tpu.sh: $*" >&2; exit 2; }
 
 repo="" name="" zone="" tpu="" workdir="" config="" data_dir="" ref="main" project=""
-spot=0 dry=0 action="launch"
+spot=0 dry=0 action="launch" ssh_timeout_s=180
 while [ $# -gt 0 ]; do
   case "$1" in
     --repo) repo="$2"; shift 2 ;;
@@ -82,14 +83,22 @@ case "$action" in
   log)
     run "${gc[@]}" ssh "$name" "${where[@]}" --worker=0 --command "tail -n 40 -F ~/contrastive_jax-logs/train.log"
     exit 0 ;;
-  stop)  # SIGTERM: the trainer checkpoints and exits 0; launching again resumes.
-    on_workers "pkill -TERM -f contrastive_jax.train || true"
+  status|stop|kill)
+    # stop: SIGTERM, every process checkpoints the same step and exits 0 (launching again
+    # resumes); kill: SIGKILL, at once (the last checkpoint stays). Each worker signals the
+    # pid its `start` recorded, never a pattern (a pattern also matches the ssh shell).
+    # A worker that does not answer within ssh_timeout_s is reported, not waited for.
+    if ! run timeout "$ssh_timeout_s" "${gc[@]}" ssh "$name" "${where[@]}" --worker=all \
+        --command "cd contrastive_jax && bash scripts/tpu_worker.sh $action"; then
+      echo "launch_tpu.sh: $action did not succeed on every worker (see above)" >&2
+      exit 1
+    fi
     exit 0 ;;
   delete)
     run "${gc[@]}" delete "$name" "${where[@]}" --quiet
     exit 0 ;;
   launch) ;;
-  *) die "unknown --action $action: use launch, log, stop or delete" ;;
+  *) die "unknown --action $action: use launch, log, status, stop, kill or delete" ;;
 esac
 
 [ -n "$tpu" ] || die "--tpu is required (e.g. v4-32, v5litepod-16, v5p-8, v6e-8)"
@@ -118,15 +127,30 @@ cd contrastive_jax && git fetch -q origin && git checkout -q $(q "$ref") && \
 start="cd contrastive_jax && bash scripts/tpu_worker.sh start $(q "$workdir") $(q "$config")"
 [ -z "$data_dir" ] || start+=" $(q "--config.data_dir=$data_dir")"
 for flag in ${trainer_flags[@]+"${trainer_flags[@]}"}; do start+=" $(q "$flag")"; done
-on_workers "$start"
+started=1
+on_workers "$start" || started=0
 
 if [ "$dry" = 1 ]; then
   echo "dry run: nothing was run"
   exit 0
 fi
+# Every worker must run a trainer: one that never started (its ssh dropped) would leave the
+# others waiting for it until --config.distributed.timeout_s, then exiting with one line.
+if [ "$started" = 0 ] || ! timeout "$ssh_timeout_s" "${gc[@]}" ssh "$name" "${where[@]}" \
+    --worker=all --command "cd contrastive_jax && bash scripts/tpu_worker.sh status"; then
+  cat >&2 <<EOF
+launch_tpu.sh: the trainer is not running on every worker (see above). The others exit on
+their own once --config.distributed.timeout_s passes; to start again at once:
+  bash scripts/launch_tpu.sh --name $name --zone $zone --action kill
+  then this same launch command (it resumes from $workdir)
+EOF
+  exit 1
+fi
 cat <<EOF
 started. Follow it:  bash scripts/launch_tpu.sh --name $name --zone $zone --action log
 logs of every worker: gcloud storage cat $workdir/logs/WORKER.log
+status of every worker:  bash scripts/launch_tpu.sh --name $name --zone $zone --action status
 stop (checkpoint, exit 0):  bash scripts/launch_tpu.sh --name $name --zone $zone --action stop
+kill (at once, no checkpoint):  bash scripts/launch_tpu.sh --name $name --zone $zone --action kill
 resume: run this same launch command again (the trainer resumes from $workdir)
 EOF

@@ -15,6 +15,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from contrastive_jax import checkpointing
+from contrastive_jax import summary
 from contrastive_jax import train
 from contrastive_jax import workdir as workdir_lib
 from tests import fake_gcs
@@ -86,7 +87,7 @@ def test_a_gs_workdir_trains_resumes_and_writes_nothing_locally(data_dir, tmp_pa
   records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
   train_steps = [r["step"] for r in records if r["phase"] == "train"]
   assert train_steps == [5, 10, 15]  # written whole (no append on GCS), no step twice
-  assert not (run / "lock.json").exists()  # released
+  assert json.loads((run / "lock.json").read_text())["released"]
   tags = scalar_steps(glob.glob(str(run / "events.out.tfevents.*")))
   assert tags["train/loss"] == [5, 10, 15] and tags["final/knn_top1"] == [15]
 
@@ -161,7 +162,7 @@ def test_tensorboard_events_are_written_and_read_back(data_dir, tmp_path):
 
 def test_progress_is_plain_lines_every_n_seconds_when_not_a_terminal():
   stream = io.StringIO()  # not a tty, as under nohup
-  progress = train.Progress(100, 0, 32, enabled=True, every_s=3600, stream=stream)
+  progress = summary.Progress(100, 0, 32, enabled=True, every_s=3600, stream=stream)
   for step in range(1, 100):
     progress.update(step, loss=2.5 if step % 10 == 0 else None, rate=1.0)
   assert stream.getvalue() == ""  # nothing before every_s has passed
@@ -171,7 +172,7 @@ def test_progress_is_plain_lines_every_n_seconds_when_not_a_terminal():
   assert "\r" not in text and len(text.splitlines()) == 1
   assert text.startswith("step 100/100 (100 %)  loss 2.5000  ") and "examples/s" in text
   stream = io.StringIO()
-  progress = train.Progress(100, 40, 32, enabled=True, every_s=0, stream=stream)
+  progress = summary.Progress(100, 40, 32, enabled=True, every_s=0, stream=stream)
   progress.update(41)
   assert stream.getvalue().startswith("step 41/100 (41 %)  ") and "ETA 0:" in stream.getvalue()
   assert "loss" not in stream.getvalue()  # none logged yet: not printed
