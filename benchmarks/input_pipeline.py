@@ -32,8 +32,9 @@ sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 
-from configs import imagenet_resnet50, mnist_gamma  # noqa: E402
+from contrastive_jax.configs import imagenet_resnet50, mnist_gamma  # noqa: E402
 from contrastive_jax import sharding  # noqa: E402
+from contrastive_jax import step as step_lib  # noqa: E402
 from contrastive_jax import train  # noqa: E402
 from contrastive_jax.data import pipeline  # noqa: E402
 
@@ -77,11 +78,11 @@ def host_alone(cfg, task, batches: int) -> float:
 
 def step_alone(cfg, steps: int) -> float:
   """Examples/s of the jitted train step on one device-resident uint8 batch."""
-  setup = train.build(cfg)
+  setup = step_lib.build(cfg)
   mesh = sharding.make_mesh(cfg)
-  shardings = sharding.state_shardings(jax.eval_shape(setup.init), mesh)
+  shardings = step_lib.shardings(setup, mesh)
   state = jax.jit(setup.init, out_shardings=shardings)()
-  step = train.make_step(setup, mesh, shardings)
+  step = step_lib.make_step(setup, mesh, shardings)
   ds = pipeline.train_dataset(setup.task.train_src, batch_size=cfg.batch_size, seed=cfg.seed,
                               transform=setup.task.transform())
   batch = {k: jax.device_put(v, sharding.batch_sharding(mesh))
@@ -123,7 +124,7 @@ def main():
   names = args.rows.split(",")
   if "default" in names:
     cfg = mnist_gamma.get_config()
-    task = train.build(cfg).task
+    task = step_lib.build(cfg).task
     rows.append(dict(row="default", size=28, batch=cfg.batch_size, workers=cfg.data_workers,
                      threads=cfg.data_threads,
                      host=host_alone(cfg, task, 40 if quick else 150),
@@ -142,7 +143,7 @@ def jpeg_row(quick: bool) -> dict:
   cfg = imagenet_resnet50.get_config()
   cfg.update(dict(dataset="jpeg224", model="small_cnn", head_hidden=512, batch_size=32,
                   data_threads=2, data_workers=0))
-  task = train.build(cfg).task
+  task = step_lib.build(cfg).task
   per_worker = {}
   for workers in (1, 2):  # grain worker processes
     c = cfg.copy_and_resolve_references()

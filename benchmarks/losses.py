@@ -29,14 +29,14 @@ import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
 
-from contrastive_jax import hlo  # noqa: E402
-from contrastive_jax import losses as L  # noqa: E402
-from contrastive_jax.losses import streamed  # noqa: E402
+from contrastive_jax import hlo
+from contrastive_jax import losses as L
+from contrastive_jax.losses import streamed
 
 D, T = 128, 0.1
 

@@ -24,12 +24,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def child(args):
   sys.path.insert(0, ROOT)
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from contrastive_jax import sharding  # pylint: disable=g-import-not-at-top
-  from contrastive_jax import train  # pylint: disable=g-import-not-at-top
-  from contrastive_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from contrastive_jax.hlo import collective_bytes  # pylint: disable=g-import-not-at-top
+  import importlib.util
+  import jax
+  from contrastive_jax import sharding
+  from contrastive_jax import step as step_lib
+  from contrastive_jax.data import pipeline
+  from contrastive_jax.hlo import collective_bytes
 
   spec = importlib.util.spec_from_file_location("config", os.path.join(ROOT, args.config))
   module = importlib.util.module_from_spec(spec)
@@ -40,12 +40,12 @@ def child(args):
     cfg.distributed.update(dict(initialize=True, coordinator_address=f"127.0.0.1:{args.port}",
                                 num_processes=args.processes, process_id=args.process_id))
   sharding.initialize_distributed(cfg)
-  setup = train.build(cfg)
+  setup = step_lib.build(cfg)
   task = setup.task
   mesh = sharding.make_mesh(cfg)
-  shardings = sharding.state_shardings(jax.eval_shape(setup.init), mesh)
+  shardings = step_lib.shardings(setup, mesh)
   state = jax.jit(setup.init, out_shardings=shardings)()
-  step = train.make_step(setup, mesh, shardings)
+  step = step_lib.make_step(setup, mesh, shardings)
   ds = pipeline.train_dataset(task.train_src, batch_size=cfg.batch_size, seed=0,
                               transform=task.transform(), process_index=jax.process_index(),
                               process_count=jax.process_count())

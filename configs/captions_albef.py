@@ -1,23 +1,5 @@
-"""Image-text pretraining on captioned digits: ALBEF-style fusion model (cross-attention
-fusion encoder, ITM on hard negatives, MLM, momentum encoders, momentum distillation)
-with the 4-term L_con ITC; the latent-structure regularisers are off unless set.
+"""The packaged config `contrastive_jax.configs.captions_albef` (its docstring says what it runs and
+what to expect). This thin file keeps `--config configs/captions_albef.py` working in a checkout;
+from anywhere else, `--config captions_albef` names the same config."""
 
-  python -m contrastive_jax.train --config configs/captions_albef.py --workdir runs/albef
-"""
-
-import ml_collections
-
-from configs import captions_clip
-
-
-def get_config() -> ml_collections.ConfigDict:
-  c = captions_clip.get_config()
-  c.task = "fusion"
-  c.loss = "l_con"
-  c.fusion = ml_collections.ConfigDict(dict(
-      momentum=0.995,  # EMA of the momentum encoders
-      itm_weight=1.0, mlm_weight=1.0, mlm_prob=0.15,
-      distill_alpha=0.4))  # ALBEF's: ITC targets (1 - a) one-hot + a momentum softmax
-  c.num_steps = 600  # 2 CPU cores: zero-shot still rises here (docs/results.md section 4)
-  c.final_evaluators = "zero_shot,retrieval,gap,probes,fusion"
-  return c
+from contrastive_jax.configs.captions_albef import get_config

@@ -1,31 +1,5 @@
-"""Image-text pretraining on captioned digits: CLIP-style two-tower model with a
-learnable temperature, symmetric InfoNCE; the latent-structure regularisers are
-off (weight 0) unless set.
+"""The packaged config `contrastive_jax.configs.captions_clip` (its docstring says what it runs and
+what to expect). This thin file keeps `--config configs/captions_clip.py` working in a checkout;
+from anywhere else, `--config captions_clip` names the same config."""
 
-  python -m contrastive_jax.train --config configs/captions_clip.py --workdir runs/clip \\
-      [--config.weights.br=1.0] [--config.loss=l_con]
-"""
-
-import ml_collections
-
-from configs import base
-
-
-def get_config() -> ml_collections.ConfigDict:
-  c = base.get_config()
-  c.task = "two_tower"
-  c.dataset = "captioned_digits"
-  c.model = "mlp"  # image encoder
-  c.text = ml_collections.ConfigDict(dict(width=64, depth=2))  # text transformer
-  c.proj_dim = 64
-  base.add_loss(c, "clip", temperature=0.1)  # fixed t: stateful ITCs, learn_temperature=False
-  c.learn_temperature = True
-  c.weights = ml_collections.ConfigDict(dict(sep=0.0, br=0.0, gc=0.0, align=0.0))
-  c.bridge_t = 0.25
-  c.noise_std = 0.1  # augmented image: pixel noise and brightness jitter, on device
-  c.num_steps = 800
-  c.warmup_steps = 50
-  c.eval_limit = 2000  # probes fit on 2000 train images / captions; all 1000 test
-  c.evaluators = "zero_shot,retrieval,gap"
-  c.final_evaluators = "zero_shot,retrieval,gap,probes"
-  return c
+from contrastive_jax.configs.captions_clip import get_config

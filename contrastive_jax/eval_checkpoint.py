@@ -1,18 +1,40 @@
 """Evaluates a workdir's checkpoint with its task's evaluators; writes eval_STEP.json.
 
-  python -m contrastive_jax.eval_checkpoint --workdir DIR [--step K] [--evaluators knn,linear_probe]
+  contrastive-jax-evaluate --workdir DIR [--step K] [--evaluators knn,linear_probe]
+
+Evaluation reads checkpoints, never the trainer: only the parameters are restored
+(a partial Orbax restore), and neither the optimiser nor the training pipeline is
+built.
 """
 
 import argparse
 import json
 import sys
+from typing import Optional
+
+import ml_collections
 
 from contrastive_jax import checkpointing
-from contrastive_jax import train
+from contrastive_jax import tasks
 from contrastive_jax import workdir
+from contrastive_jax.data import pipeline
 
 
-def main(argv=None) -> dict:
+def load(workdir_path: str, step: Optional[int] = None
+         ) -> tuple[ml_collections.ConfigDict, dict, tasks.Task]:
+  """(config, {"params", "step", ...} as NumPy, task) of a workdir's checkpoint, on any
+  process count or mesh. Without `step`, the newest checkpoint that reads and passes
+  its checks. The task is built on the train split's records (its evaluators fit
+  their probes there), read as the evaluators stream them, not cached."""
+  cfg = checkpointing.load_config(workdir_path)
+  state = checkpointing.read(workdir_path, step, only=("params", "step"))
+  source = pipeline.read_or_fail(cfg.dataset, cfg.data_dir, lambda: pipeline.get_source(
+      cfg.dataset, "train", cfg.data_dir))
+  return cfg, state, tasks.get(cfg, source)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+  """The console script `contrastive-jax-evaluate` (prints the result and the file written)."""
   parser = argparse.ArgumentParser(description="Evaluate a checkpoint of a workdir.")
   parser.add_argument("--workdir", required=True, help="local path or gs://bucket/run")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
@@ -20,17 +42,18 @@ def main(argv=None) -> dict:
                       help="comma-separated evaluators (default: the config's final_evaluators)")
   args = parser.parse_args(argv)
   try:
-    cfg, state, task = train.restore_for_eval(args.workdir, args.step)
-  except (FileNotFoundError, ValueError, checkpointing.CheckpointError) as e:
+    cfg, state, task = load(args.workdir, args.step)
+    names = args.evaluators or cfg.final_evaluators
+    task.check_evaluators(names, field=None)
+  except (FileNotFoundError, ValueError, checkpointing.CheckpointError, workdir.WorkdirError,
+          pipeline.DataError) as e:
     sys.exit(f"error: {e}")
-  names = args.evaluators or cfg.final_evaluators
   result = {"step": int(state["step"]),
             **task.evaluate(state["params"], task.eval_data(cfg.eval_limit), names)}
   path = workdir.join(args.workdir, f"eval_{result['step']}.json")
   workdir.write_json(path, result)
   print(json.dumps(workdir.finite_json(result)))
   print(f"wrote {path}")
-  return result
 
 
 if __name__ == "__main__":

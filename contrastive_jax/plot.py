@@ -14,11 +14,11 @@ from etils import epath
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from contrastive_jax import metrics  # noqa: E402
-from contrastive_jax import workdir as workdir_lib  # noqa: E402
+from contrastive_jax import metrics
+from contrastive_jax import workdir as workdir_lib
 
 
 def read_metrics(workdir: workdir_lib.PathLike) -> list[dict]:

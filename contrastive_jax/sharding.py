@@ -96,7 +96,7 @@ def _start_peer_watchdog(timeout_s: float, beat_s: float = 0.5) -> None:
         for p, (seen, since) in last.items():
           try:
             value = client.key_value_try_get(f"contrastive_jax/alive/{p}")
-          except Exception:  # not written yet
+          except Exception:  # noqa: BLE001  (not written yet)
             value = None
           now = time.monotonic()
           if value == "done" or _WATCHDOG_DONE.is_set():
@@ -105,7 +105,7 @@ def _start_peer_watchdog(timeout_s: float, beat_s: float = 0.5) -> None:
             last[p] = (value, now)
           elif now - since > timeout_s:
             exit_peer_lost(f"process {p} gave no sign of life for {timeout_s:.0f} s")
-      except Exception as e:  # the coordination service (process 0) is gone
+      except Exception as e:  # noqa: BLE001  (the coordination service, process 0, is gone)
         exit_peer_lost(f"the coordinator cannot be reached: {e}")
       time.sleep(beat_s)
 
@@ -143,18 +143,16 @@ def _fsdp_spec(shape, n: int, min_size: int) -> P:
   return P(*spec)
 
 
-# State entries that hold model-sized trees (FSDP-sharded when fsdp > 1).
-MODEL_SIZED = ("params", "opt_state", "ema_params")
-
-
 def state_shardings(abstract_state: dict, mesh: jax.sharding.Mesh,
+                    model_sized: Sequence[str] = ("params", "opt_state"),
                     min_size: int = 2**14) -> dict:
-  """NamedShardings of a train state: params, optimiser state (and momentum params)
-  FSDP-sharded when the mesh's "fsdp" axis is > 1; loss state, step and rng replicated."""
+  """NamedShardings of a train state: the entries in `model_sized` (trees as large as
+  the model; a task adds its own, e.g. momentum parameters) FSDP-sharded when the
+  mesh's "fsdp" axis is > 1; every other entry (step, rng, loss state) replicated."""
   n = mesh.shape["fsdp"]
   shard = lambda x: NamedSharding(mesh, _fsdp_spec(x.shape, n, min_size))
   rep = lambda x: NamedSharding(mesh, P())
-  return {k: jax.tree.map(shard if k in MODEL_SIZED else rep, v)
+  return {k: jax.tree.map(shard if k in model_sized else rep, v)
           for k, v in abstract_state.items()}
 
 

@@ -16,34 +16,22 @@ step k continues exactly as if never stopped. SIGTERM (or Ctrl-C) saves a
 checkpoint and exits cleanly.
 """
 
-import errno
 import functools
-import json
-import logging as pylogging
 import math
-import os
-import re
-import sys
-import threading
 import time
-from typing import Callable, NamedTuple, Optional
+from typing import Optional
 
-from absl import app, flags, logging
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
-from etils import epath
 
 from contrastive_jax import checkpointing
 from contrastive_jax import sharding
+from contrastive_jax import step as step_lib
 from contrastive_jax import stopping
 from contrastive_jax import summary
-from contrastive_jax import tasks
 from contrastive_jax import workdir as workdir_lib
 from contrastive_jax.data import pipeline
 
@@ -75,122 +63,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                        f"{'> 0' if name == 'learning_rate' else '>= 0'}")
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Callable]:
-  """Optimiser and its schedule: warmup + cosine, peak lr scaled by batch size."""
-  scale = {"none": 1.0, "linear": cfg.batch_size / 256, "sqrt": (cfg.batch_size / 256) ** 0.5}
-  if cfg.lr_scaling not in scale:
-    raise ValueError(f"unknown lr_scaling {cfg.lr_scaling!r}: use none, linear or sqrt")
-  # A run shorter than its warm-up warms up over all but its last step.
-  warmup = min(cfg.warmup_steps, max(cfg.num_steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, cfg.learning_rate * scale[cfg.lr_scaling], warmup, max(cfg.num_steps, warmup + 1))
-  if cfg.optimizer == "adamw":
-    tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
-  elif cfg.optimizer == "sgd":
-    tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
-                     optax.sgd(schedule, momentum=0.9))
-  elif cfg.optimizer == "lars":
-    tx = optax.lars(schedule, weight_decay=cfg.weight_decay, momentum=0.9)
-  else:
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}: use adamw, sgd or lars")
-  return tx, schedule
-
-
-# ----------------------------------------------------------------------------
-# State and step.
-
-
-class Setup(NamedTuple):
-  """Everything a config determines before training starts."""
-  task: tasks.Task
-  tx: optax.GradientTransformation
-  schedule: Callable
-  init: Callable  # () -> initial train state
-
-
-def build(cfg: ml_collections.ConfigDict, task: Optional[tasks.Task] = None) -> Setup:
-  """Task (default: cfg.task on cfg.dataset's train split), optimiser and state
-  initialiser of cfg (raises on bad names)."""
-  if task is None:
-    def load():
-      source = pipeline.get_source(cfg.dataset, "train", cfg.data_dir)
-      return pipeline.InMemory(source) if cfg.get("data_cache", False) else source
-    task = tasks.get(cfg, _read_data(cfg, load))
-  task.check_evaluators(cfg.evaluators, "evaluators")
-  task.check_evaluators(cfg.final_evaluators, "final_evaluators")
-  tx, schedule = make_optimizer(cfg)
-
-  def init() -> dict:
-    rng = jax.random.PRNGKey(cfg.seed)  # raw uint32[2]: checkpoints as a plain array
-    init_rng, rng = jax.random.split(rng)
-    state = task.init(init_rng)
-    return {"step": jnp.int32(0), **state, "opt_state": tx.init(state["params"]), "rng": rng}
-
-  return Setup(task, tx, schedule, init)
-
-
-def train_step(state: dict, batch: dict, *, task: tasks.Task, tx: optax.GradientTransformation,
-               mesh: jax.sharding.Mesh, skip_nonfinite: bool = False) -> tuple[dict, dict]:
-  """One optimiser step of `task` on a global batch sharded over the mesh's BATCH_AXES.
-
-  logs["finite"] says whether the loss and the gradient norm were finite. With
-  skip_nonfinite, a step where they are not leaves the state as it was (but for
-  the step counter, so that the next batch comes).
-  """
-  key = jax.random.fold_in(state["rng"], state["step"])
-  (loss, (updates, logs)), grads = jax.value_and_grad(task.loss, has_aux=True)(
-      state["params"], state, batch, key, mesh)
-  param_updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  new_state = {**state, **updates, "step": state["step"] + 1, "opt_state": opt_state,
-               "params": optax.apply_updates(state["params"], param_updates)}
-  new_state = task.after_step(new_state)
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  if skip_nonfinite:
-    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    new_state = {**kept, "step": state["step"] + 1}
-  return new_state, {"loss": loss, **logs, "grad_norm": grad_norm, "finite": finite}
-
-
-def make_step(setup: Setup, mesh: jax.sharding.Mesh, shardings: dict,
-              skip_nonfinite: bool = False) -> Callable:
-  """jit-compiled train_step with the state's shardings and a batch-sharded input."""
-  step = lambda state, batch: train_step(state, batch, task=setup.task, tx=setup.tx, mesh=mesh,
-                                         skip_nonfinite=skip_nonfinite)
-  return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(shardings, None), donate_argnums=0)
-
-
-# ----------------------------------------------------------------------------
-# Loop.
-
-
 def _print(*args):
   if jax.process_index() == 0:
     print(*args, flush=True)
-
-
-class NonFiniteError(FloatingPointError):
-  """The loss or the gradient norm of a step is NaN or inf."""
-
-
-@jax.jit
-def _track_nonfinite(tally: jax.Array, finite: jax.Array, step: jax.Array) -> jax.Array:
-  """[first non-finite step or -1, count of non-finite steps], updated on the device so
-  that the loop never waits for a step to finish just to check it."""
-  first = jnp.where((tally[0] < 0) & ~finite, step, tally[0])
-  return jnp.stack([first, tally[1] + (~finite).astype(jnp.int32)])
-
-
-def _check_finite(tally: jax.Array, skip: bool) -> int:
-  """Raises NonFiniteError if a step was not finite (unless skipped); returns the count."""
-  first, count = (int(v) for v in jax.device_get(tally))
-  if count and not skip:
-    raise NonFiniteError(
-        f"step {first}: the loss or the gradient norm is NaN or inf; stopped without "
-        "checkpointing (the last good checkpoint is kept). Lower --config.learning_rate, check "
-        "the loss options, or set --config.skip_nonfinite=True to skip such steps")
-  return count
 
 
 def _agree(ok: bool, what: str) -> None:
@@ -199,20 +74,6 @@ def _agree(ok: bool, what: str) -> None:
     from jax.experimental import multihost_utils
     if not np.all(multihost_utils.process_allgather(np.int32(ok))) and ok:
       raise workdir_lib.WorkdirError(f"another process failed to {what} (see its log)")
-
-
-def _trace_step(cfg, step_fn, state, local_batch: dict, process_count: int) -> None:
-  """Traces the step (no compilation) so that a bad loss option fails before the
-  workdir is written, naming the config field when the message names an option."""
-  spec = {k: jax.ShapeDtypeStruct((v.shape[0] * process_count, *v.shape[1:]), v.dtype)
-          for k, v in local_batch.items()}
-  try:
-    jax.eval_shape(step_fn, state, spec)
-  except (ValueError, TypeError) as e:
-    options = cfg.get("loss_options", {}).get(cfg.get("loss"), {}) or {}
-    named = [k for k in options if str(e).startswith(f"{k} ")]
-    where = f"--config.loss_options.{cfg.loss}.{named[0]}: " if named else ""
-    raise ValueError(f"{where}{e}") from None
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: workdir_lib.PathLike,
@@ -246,7 +107,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: workdir_lib.Path
                      f"set --config.batch_size to a multiple of {n_dev}")
   lead = jax.process_index() == 0
   workdir_lib.make(workdir)  # first: an unreachable workdir fails within seconds
-  setup = build(cfg)
+  setup = step_lib.build(cfg)
   setup.task.check_eval(cfg)  # evaluation settings fail now, not after the run
   lock = workdir_lib.Lock(workdir, stale_s=cfg.get("lock_stale_s", workdir_lib.STALE_S))
   try:
@@ -265,7 +126,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: workdir_lib.Path
       lock.release()
 
 
-def _check_resume(cfg, workdir, mngr) -> None:
+def _check_resume(cfg, workdir, mngr, task) -> None:
   """Refuses a config that differs from the stored one where it may not."""
   if not mngr.all_steps():
     return
@@ -275,11 +136,12 @@ def _check_resume(cfg, workdir, mngr) -> None:
         f"workdir {workdir} holds checkpoints (steps {sorted(mngr.all_steps())}) but no "
         "config.json, so this config cannot be checked against theirs: put the run's "
         "config.json back, or use a new --workdir")
-  changes = checkpointing.config_changes(old, cfg)
+  mutable = (*checkpointing.MUTABLE_ON_RESUME, *task.mutable_on_resume)
+  changes = checkpointing.config_changes(old, cfg, mutable)
   if changes:
     raise ValueError(
         f"workdir {workdir} holds a run with a different config ({'; '.join(changes)}); "
-        f"only {', '.join(checkpointing.MUTABLE_ON_RESUME)} may change on resume: use a "
+        f"only {', '.join(mutable)} may change on resume: use a "
         "new --workdir or the original config")
 
 
@@ -287,7 +149,8 @@ def _start(cfg, workdir, setup, mesh, shardings, mngr) -> tuple[dict, ocp.Checkp
   """The state to start from: the newest good checkpoint, else a fresh one."""
   state = jax.jit(setup.init, out_shardings=shardings)()
   restored, mngr = checkpointing.restore_newest_good(
-      workdir, mngr, jax.tree.map(ocp.utils.to_shape_dtype_struct, state), cfg.keep_checkpoints)
+      workdir, mngr, jax.tree.map(ocp.utils.to_shape_dtype_struct, state), cfg.keep_checkpoints,
+      setup.task.neg_inf_ok)
   if restored is not None:
     state = restored["state"]
     _print(f"resumed from {workdir} at step {int(state['step'])} "
@@ -309,7 +172,7 @@ def _open_writer(cfg, workdir, start, lock) -> summary.MetricWriter:
     writer = summary.MetricWriter(workdir, start, enabled=lead, progress=progress,
                                   tensorboard=cfg.get("tensorboard", True), fence=lock.check)
     if lead:
-      writer._guard(lambda: workdir_lib.write_text(  # pylint: disable=protected-access
+      writer._guard(lambda: workdir_lib.write_text(
           workdir_lib.join(workdir, "config.json"), cfg.to_json(indent=2)))
   except (OSError, workdir_lib.WorkdirError) as e:
     error = e
@@ -322,16 +185,16 @@ def _open_writer(cfg, workdir, start, lock) -> summary.MetricWriter:
 def _train(cfg, workdir, stop_at, setup, lock, mesh, stop) -> dict:
   task = setup.task
   mngr = checkpointing.manager(workdir)
-  _check_resume(cfg, workdir, mngr)
-  shardings = sharding.state_shardings(jax.eval_shape(setup.init), mesh)
+  _check_resume(cfg, workdir, mngr, task)
+  shardings = step_lib.shardings(setup, mesh)
   state, mngr = _start(cfg, workdir, setup, mesh, shardings, mngr)
   start = int(state["step"])
-  step_fn = make_step(setup, mesh, shardings, skip_nonfinite=cfg.get("skip_nonfinite", False))
+  step_fn = step_lib.make_step(setup, mesh, shardings, skip_nonfinite=cfg.get("skip_nonfinite", False))
   ds = pipeline.train_dataset(
       task.train_src, batch_size=cfg.batch_size, seed=cfg.seed, transform=task.transform(),
       process_index=jax.process_index(), process_count=jax.process_count())
-  first = _read_data(cfg, lambda: ds[start])
-  _trace_step(cfg, step_fn, state, {k: first[k] for k in task.batch_keys}, jax.process_count())
+  first = pipeline.read_or_fail(cfg.dataset, cfg.data_dir, lambda: ds[start])
+  step_lib.trace_step(cfg, step_fn, state, {k: first[k] for k in task.batch_keys}, jax.process_count())
   writer = _open_writer(cfg, workdir, start, lock)
   loop = Loop(cfg, workdir, setup, mesh, mngr, writer, lock, stop, step_fn, ds)
   try:
@@ -341,26 +204,6 @@ def _train(cfg, workdir, stop_at, setup, lock, mesh, stop) -> dict:
   finally:
     loop.finish()
     writer.close()
-
-
-def _read_data(cfg, fn: Callable):
-  """fn() (a read of the training data), with one line for unreadable data files."""
-  try:
-    return fn()
-  except (StopIteration, FileNotFoundError, stopping.Interrupted):
-    raise  # FileNotFoundError: get_source's own line (a dataset that is not prepared)
-  except Exception as e:  # array_record / tfds / grain raise many kinds
-    if isinstance(e, OSError) and getattr(e, "errno", None) == errno.ENOSPC:
-      raise
-    raise DataError(
-        f"dataset {cfg.dataset!r} in {cfg.data_dir or pipeline.DEFAULT_DATA_DIR} cannot be read "
-        f"({type(e).__name__}: {' '.join(str(e).split())[:200]}): its files are missing or "
-        "corrupt; delete that dataset's folder there and run again to prepare it (built-in "
-        "datasets), or prepare it again (docs/tpu.md)") from None
-
-
-class DataError(RuntimeError):
-  """The training or evaluation data cannot be read."""
 
 
 class Loop:
@@ -406,7 +249,7 @@ class Loop:
 
   def save(self, state) -> None:
     """A checkpoint of state, if every process agrees that the run still owns the workdir."""
-    self.skipped = _check_finite(self.tally, self.skip)
+    self.skipped = step_lib.check_finite(self.tally, self.skip)
     if self.lead and not self.lock.check():
       self.stop.request(stopping.FENCED, f"another trainer took the lock of {self.workdir}: "
                         "this trainer writes nothing more")
@@ -415,7 +258,7 @@ class Loop:
     try:
       started = checkpointing.save(self.mngr, state, {"next_index": int(state["step"]),
                                                       "seed": self.cfg.seed},
-                                   self.cfg.keep_checkpoints)
+                                   self.cfg.keep_checkpoints, self.task.neg_inf_ok)
       self.completed = self.saved  # save() completed the previous save first
       if started:
         self.saved = int(state["step"])
@@ -424,7 +267,7 @@ class Loop:
       self.stop.request(stopping.FENCED, str(e))
     except FloatingPointError:
       raise
-    except Exception as e:  # Orbax and TensorStore raise many kinds for a failed write
+    except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many kinds)
       self.stop.request(stopping.FAIL, f"cannot write the run's files in {self.workdir}: "
                         f"{workdir_lib.describe_error(e)}")
 
@@ -448,12 +291,12 @@ class Loop:
       code = self.stop.poll()
       if code:
         break
-      local = _read_data(cfg, lambda: next(batches))
+      local = pipeline.read_or_fail(cfg.dataset, cfg.data_dir, lambda: next(batches))
       batch = {k: jax.make_array_from_process_local_data(self.data_sharding, local[k])
                for k in self.task.batch_keys}
       state, logs = self.step_fn(state, batch)
       done = step + 1
-      self.tally = _track_nonfinite(self.tally, logs["finite"], jnp.int32(done))
+      self.tally = step_lib.track_nonfinite(self.tally, logs["finite"], jnp.int32(done))
       if done % cfg.log_every == 0 or done == cfg.num_steps:
         now = time.perf_counter()
         self.log_train(done, logs, (done - n_last) * cfg.batch_size / (now - t_last))
@@ -472,7 +315,7 @@ class Loop:
     return state, code
 
   def log_train(self, step: int, logs: dict, rate: float) -> None:
-    self.skipped = _check_finite(self.tally, self.skip)
+    self.skipped = step_lib.check_finite(self.tally, self.skip)
     logs = jax.device_get(logs)
     record = {"lr": float(self.setup.schedule(step)), "examples_per_s": rate,
               **{k: float(v) for k, v in logs.items() if k != "finite"}}
@@ -491,7 +334,7 @@ class Loop:
       self.completed = self.saved
       if self.stop.code != stopping.FENCED:
         checkpointing.rotate(self.mngr, self.cfg.keep_checkpoints)
-    except Exception as e:  # Orbax and TensorStore raise many kinds for a failed write
+    except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many kinds)
       self.stop.request(stopping.FAIL, f"cannot write the checkpoint in {self.workdir}: "
                         f"{workdir_lib.describe_error(e)}")
     finally:
@@ -547,186 +390,18 @@ def _final_eval(cfg, workdir, loop: Loop, state, start: int) -> dict:
   try:
     writer.write(step, "final", {k: v for k, v in result.items() if k != "step"})
     if lead:
-      writer._guard(lambda: workdir_lib.write_json(  # pylint: disable=protected-access
+      writer._guard(lambda: workdir_lib.write_json(
           workdir_lib.join(workdir, "final_eval.json"), result))
       writer.flush()
   except workdir_lib.LockLost as e:
-    raise workdir_lib.LockLost(f"{e}; the final evaluation of step {step} was not written")
+    raise workdir_lib.LockLost(
+        f"{e}; the final evaluation of step {step} was not written") from None
   except OSError as e:
     raise workdir_lib.WorkdirError(f"cannot write the final evaluation in {workdir}: "
-                                   f"{workdir_lib.describe_error(e)}")
+                                   f"{workdir_lib.describe_error(e)}") from None
   return result
 
 
-def restore_for_eval(workdir: str, step: Optional[int] = None):
-  """(config, restored state, task) of a workdir, onto this host's first device,
-  whatever process count or mesh wrote the checkpoint. Without `step`, the newest
-  checkpoint that passes the restore checks (others are reported, not moved)."""
-  cfg = checkpointing.load_config(workdir)
-  setup = build(cfg)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          jax.eval_shape(setup.init))
-  mngr = checkpointing.manager(workdir, cfg.keep_checkpoints)
-  steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
-  if not steps:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-  errors = []
-  for s in steps:
-    try:
-      return cfg, checkpointing.restore(mngr, abstract, s)["state"], setup.task
-    except checkpointing.CheckpointError as e:
-      errors.append(str(e))
-      if s != steps[-1]:
-        print(f"warning: {e}: trying an older checkpoint", file=sys.stderr)
-  raise checkpointing.CheckpointError("; ".join(errors))
-
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics: a "
-                                "local path or a remote one (gs://bucket/run).")
-_STOP_AT = flags.DEFINE_integer("stop_at", None, "Checkpoint and exit after this step, as if "
-                                "preempted (time-boxed jobs, tests).")
-
-
-class _NoOrbaxErrors(pylogging.Filter):
-  """Drops Orbax's own error logs (tracebacks from its save threads): the trainer
-  reports a failed save itself, in one line."""
-
-  def filter(self, record: pylogging.LogRecord) -> bool:
-    return record.levelno < pylogging.ERROR or "orbax" not in record.pathname
-
-
-class _NoThreadTracebacks:
-  """sys.stderr of the CLI without the tracebacks that background threads print
-  (Orbax's save threads and TensorStore's callbacks, dozens of them when a save
-  fails on a full disk): the trainer reports such a failure itself, in one line.
-  The main thread's output, and every other line, pass unchanged.
-  CONTRASTIVE_JAX_DEBUG=1 keeps everything."""
-
-  _INSIDE = ("Traceback (most recent call last):", "During handling of the above",
-             "The above exception was", "Exception in thread")
-
-  def __init__(self, stream):
-    self.stream = stream
-    self._state = threading.local()
-
-  def write(self, text: str) -> int:
-    if threading.current_thread() is threading.main_thread():
-      return self.stream.write(text)
-    st = self._state
-    buffered = getattr(st, "line", "") + text
-    *lines, st.line = buffered.split("\n")
-    for line in lines:
-      if getattr(st, "inside", False):
-        # Frames are indented; the exception's own line ends the block (chains re-enter).
-        st.inside = not line or line.startswith((" ", *self._INSIDE))
-      elif line.startswith(self._INSIDE):
-        st.inside = True
-      else:
-        self.stream.write(line + "\n")
-    return len(text)
-
-  def flush(self) -> None:
-    self.stream.flush()
-
-  def __getattr__(self, name):
-    return getattr(self.stream, name)
-
-
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  logging.get_absl_logger().addFilter(_NoOrbaxErrors())
-  pylogging.getLogger("asyncio").setLevel(pylogging.CRITICAL)  # Orbax's failed save tasks
-  if not os.environ.get("CONTRASTIVE_JAX_DEBUG"):
-    sys.stderr = _NoThreadTracebacks(sys.stderr)
-  if _CONFIG.value is None or _WORKDIR.value is None:
-    sys.exit("error: --config and --workdir are required, e.g. "
-             "--config configs/mnist_gamma.py --workdir runs/mnist_gamma")
-  try:
-    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value, stop_at=_STOP_AT.value)
-  except (ValueError, OSError, FloatingPointError, workdir_lib.WorkdirError,
-          checkpointing.CheckpointError, DataError) as e:
-    sharding.finish_peer_watchdog()
-    sys.exit(f"error: {e}")
-  except jax.errors.JaxRuntimeError as e:
-    if jax.process_count() == 1:
-      raise
-    # A collective failed because a peer died: JAX's shutdown would then abort with a
-    # thread dump while it waits for the dead peer at exit.
-    sharding.exit_peer_lost(str(e))
-  sharding.finish_peer_watchdog()
-  if jax.process_index() != 0:
-    return
-  print(json.dumps(workdir_lib.finite_json(result)))
-  line = result_line(result)
-  if line:
-    print(line)
-
-
-def _finite(v) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def result_line(result: dict) -> Optional[str]:
-  """A one-line summary of the probes in a final evaluation, naming only what was
-  computed and finite (None when there is nothing to say)."""
-  parts = []
-  if _finite(result.get("knn_top1")):
-    init = result.get("random_init", {}).get("knn_top1")
-    parts.append(f"kNN top-1 {100 * result['knn_top1']:.1f} %" +
-                 (f" (random init {100 * init:.1f} %)" if _finite(init) else ""))
-  if _finite(result.get("linear_top1")):
-    parts.append(f"linear probe {100 * result['linear_top1']:.1f} %")
-  return ", ".join(parts) or None
-
-
-def catalogue() -> str:
-  """What a run can name: configs, tasks, losses, encoders and built-in datasets."""
-  from contrastive_jax.data import builders  # pylint: disable=g-import-not-at-top
-  from contrastive_jax.losses import registry  # pylint: disable=g-import-not-at-top
-  from contrastive_jax.models import encoders  # pylint: disable=g-import-not-at-top
-  root = epath.Path(__file__).parent.parent / "configs"
-  configs = sorted(f"configs/{p.name}" for p in root.glob("*.py")
-                   if p.name != "base.py") if root.exists() else []
-  rows = [("configs (--config)", configs or ["(none found beside the package)"]),
-          ("tasks (--config.task)", list(tasks.TASKS)),
-          ("losses (--config.loss)", list(registry.LOSSES)),
-          ("encoders (--config.model)", list(encoders.ENCODERS)),
-          ("datasets (--config.dataset)",
-           sorted(builders.BUILDERS) + ["or any TFDS name prepared as array_record in "
-                                        "--config.data_dir (docs/tpu.md)"])]
-  return "\n".join(f"{title}:\n  {', '.join(names)}" for title, names in rows)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a one-line error (and the nearest name, which
-  ml_collections suggests) for a bad --config override instead of a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except SystemExit as e:  # absl exits 1 after printing --help; asking for help is no error
-    if any(a in ("--help", "-h", "--helpshort", "--helpfull", "-?") for a in argv[1:]):
-      sys.exit(0)
-    raise
-  except flags.Error as e:
-    sys.exit(f"error: {e}")
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    text = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ")
-    suggestion = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
-    if suggestion:
-      sys.exit(f"error: the config has no field {suggestion.group(2)!r}: did you mean "
-               f"--config.{suggestion.group(1)}?")
-    sys.exit(f"error: bad flag: {' '.join(text.split())}")
-
-
-def cli():
-  # absl's --help prints the __main__ module's docstring: add what a run can name.
-  main_module = sys.modules["__main__"]
-  main_module.__doc__ = f"{__doc__}\n{catalogue()}\n"
-  app.run(main, flags_parser=_parse_flags)
-
-
-if __name__ == "__main__":
-  cli()
+if __name__ == "__main__":  # python -m contrastive_jax.train: the command line (main.py)
+  from contrastive_jax import main as main_lib
+  main_lib.cli()

@@ -95,7 +95,7 @@ def make(workdir: PathLike, timeout_s: Optional[float] = None) -> None:
     try:
       _probe(join(workdir))
       outcome.append(None)
-    except Exception as e:  # pylint: disable=broad-except  (reported below)
+    except Exception as e:  # noqa: BLE001  (reported below, in one line)
       outcome.append(e)
 
   # A daemon thread: a filesystem call that never returns must not hold the exit.

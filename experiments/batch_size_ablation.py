@@ -40,9 +40,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from contrastive_jax import plot  # pylint: disable=g-import-not-at-top,wrong-import-position
-from contrastive_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from experiments import stats  # pylint: disable=g-import-not-at-top,wrong-import-position
+from contrastive_jax import plot  # noqa: E402  (after the path set-up)
+from contrastive_jax import workdir as workdir_lib  # noqa: E402
+from experiments import stats  # noqa: E402
 
 FIELDS = ("dataset", "loss", "batch_size", "seed", "num_steps", "epochs", "knn_top1",
           "linear_top1", "effective_rank", "examples_per_s", "peak_rss_mb", "device_peak_mb",
@@ -67,13 +67,14 @@ _CHILD = """
 import json, resource
 from absl import app
 import jax
-from contrastive_jax import train
+from contrastive_jax import main as main_lib
 def main(argv):
-  train.main(argv)
+  main_lib.main(argv)
   stats = jax.local_devices()[0].memory_stats() or {}
   print("PEAK", json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                             "device_mb": (stats.get("peak_bytes_in_use") or 0) / 2**20 or None}))
-app.run(main)
+main_lib._define_flags()
+app.run(main, flags_parser=main_lib._parse_flags)
 """
 
 
@@ -235,9 +236,9 @@ def verdict_text(summary: dict, args, train_sizes: dict) -> str:
 
 
 def plot_summary(summary: dict, args, path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt
   panels = [(d, p) for d in summary for p in summary[d] if summary[d][p]["cells"]]
   if not panels:
     return
@@ -310,7 +311,7 @@ def parse_args(argv=None):
 def main():
   args = parse_args()
   os.makedirs(args.out, exist_ok=True)
-  from contrastive_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from contrastive_jax.data import pipeline
   # Also prepares each dataset once, before the parallel runs could race on it.
   train_sizes = {d: len(pipeline.get_source(d, "train")) for d in args.datasets}
   grid = plan(args, train_sizes)

@@ -31,9 +31,9 @@ import numpy as np
 def embeddings(workdir: str, step=None) -> tuple[np.ndarray, float]:
   """(L2-normalised projections z [N, d] of the train split, temperature) of a
   two-view checkpoint (default the newest), on clean (evaluation-transformed) images."""
-  from contrastive_jax import evaluate, train  # pylint: disable=g-import-not-at-top
-  from contrastive_jax.data import augment, pipeline  # pylint: disable=g-import-not-at-top
-  cfg, state, task = train.restore_for_eval(workdir, step)
+  from contrastive_jax import eval_checkpoint, evaluate
+  from contrastive_jax.data import augment, pipeline
+  cfg, state, task = eval_checkpoint.load(workdir, step)
   transform = pipeline.EvalImage(task.size, task.channels)
   z, _ = evaluate.embed_batches(
       lambda p, x: task.model.apply(p, augment.to_float(x))[1], state["params"],

@@ -173,9 +173,9 @@ def _cell(c: dict) -> str:
 
 
 def _plot(trajectories, rows, out):
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt
   fig, axes = plt.subplots(len(NOISE), len(METHODS), figsize=(15, 3 * len(NOISE)),
                            sharex=True, squeeze=False)
   for i, noise in enumerate(NOISE):

@@ -33,7 +33,7 @@ from contrastive_jax import plot
 from contrastive_jax import workdir as workdir_lib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import stats  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {"baseline": {}, "+sep": {"sep": 0.1}, "+br": {"br": 1.0}, "+gc": {"gc": 0.01},
@@ -139,7 +139,7 @@ def main():
   with open(os.path.join(args.out, "table.md"), "w") as f:
     f.write(table)
   print(table)
-  plot(rows, args.out)
+  plot_summary(rows, args.out)
   plot_embeddings(rows, args.out)
 
 
@@ -216,10 +216,10 @@ def paired_differences(rows) -> list[str]:
   return text
 
 
-def plot(rows, out):
-  import matplotlib  # pylint: disable=g-import-not-at-top
+def plot_summary(rows, out):
+  import matplotlib
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt
   pts = [(0.0 if r["variant"] == "baseline" else r["weights"]["align"], r) for r in rows
          if r["framework"] == "clip" and (r["variant"] == "baseline"
                                           or r["variant"].startswith("align="))]
@@ -248,7 +248,7 @@ def plot_embeddings(rows, out, n=500):
   """2-D PCA of test image / caption embeddings of seed 0's two-tower baseline, +all and
   forced alignment (weight 10), read from their checkpoints."""
   sys.path.insert(0, ROOT)
-  from contrastive_jax import train  # pylint: disable=g-import-not-at-top
+  from contrastive_jax import eval_checkpoint
   for r in rows:
     if r["framework"] != "clip" or r["seed"] or r["variant"] not in ("baseline", "+all",
                                                                        "align=10"):
@@ -256,7 +256,7 @@ def plot_embeddings(rows, out, n=500):
     path = os.path.join(out, f"pca_clip_{r['variant'].strip('+').replace('=', '')}.png")
     if os.path.exists(path):
       continue
-    _, state, task = train.restore_for_eval(r["workdir"])
+    _, state, task = eval_checkpoint.load(r["workdir"])
     _, test = task.eval_data(limit=1)
     e = task.embed_all(state["params"], test["image"][:n], test["captions"][:n, 0])
     plot.plot_modalities(e["img"], e["txt"], path, test["label"][:n])

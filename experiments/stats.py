@@ -9,7 +9,7 @@ import numpy as np
 def t_interval(values, confidence: float = 0.95) -> tuple[float, float, float]:
   """(mean, low, high) of the mean of `values` [n] with a Student-t interval; n = 1 gives
   an infinite interval (one seed says nothing about the spread)."""
-  from scipy import stats  # pylint: disable=g-import-not-at-top
+  from scipy import stats
   v = np.asarray(values, np.float64)
   if v.size == 0:
     raise ValueError("no values")

@@ -112,7 +112,7 @@ def test_two_views_emit_uint8_crops_deterministic_per_seed(tmp_path):
 def test_a_tfds_jpeg_dataset_reaches_the_host_encoded_and_trains(tmp_path):
   """Image features come as JPEG bytes (TFDS's decoding skipped), so the host decodes
   them at a reduced scale; the two-view task trains on them at a fixed size."""
-  from configs import imagenet_resnet50
+  from contrastive_jax.configs import imagenet_resnet50
   from contrastive_jax import train
   from tests import jpeg_dataset
   data_dir = str(tmp_path / "tfds")

@@ -14,6 +14,7 @@ import time
 import pytest
 from tensorboardX.proto import event_pb2
 
+from contrastive_jax import main as main_lib
 from contrastive_jax import checkpointing
 from contrastive_jax import summary
 from contrastive_jax import train
@@ -94,7 +95,7 @@ def test_a_gs_workdir_trains_resumes_and_writes_nothing_locally(data_dir, tmp_pa
 
 def test_an_unreachable_workdir_fails_in_seconds_with_one_line(tmp_path):
   code = ("import sys; from tests import fake_gcs; fake_gcs.install(sys.argv[1], hang=True); "
-          "from contrastive_jax import train; sys.argv = sys.argv[:1] + sys.argv[2:]; train.cli()")
+          "from contrastive_jax import main; sys.argv = sys.argv[:1] + sys.argv[2:]; main.cli()")
   cwd = tmp_path / "cwd"
   cwd.mkdir()
   env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
@@ -186,7 +187,7 @@ def test_progress_is_plain_lines_every_n_seconds_when_not_a_terminal():
     ({"step": 5, "zero_shot_top1": 0.5}, None),
 ])
 def test_the_result_line_names_only_computed_metrics(result, line):
-  assert train.result_line(result) == line
+  assert main_lib.result_line(result) == line
 
 
 def test_help_names_configs_losses_models_and_datasets_fast():

@@ -26,8 +26,8 @@ def test_config_names_a_task_and_takes_the_common_overrides(name):
 def test_cli_overrides_reach_the_trainer(tmp_path):
   """--config.num_steps / warmup_steps / batch_size on the command line, for every config,
   parsed by the trainer's own flags."""
-  code = ("import sys; from absl import flags; from contrastive_jax import train; "
-          "flags.FLAGS(sys.argv); c = train._CONFIG.value; "
+  code = ("import sys; from absl import flags; from contrastive_jax import main; "
+          "main._define_flags(); flags.FLAGS(main.resolve_config(sys.argv)); c = main._FLAGS['config'].value; "
           "print(c.task, c.num_steps, c.warmup_steps, c.batch_size)")
   for name in CONFIGS:
     out = subprocess.run(

@@ -14,9 +14,9 @@ import jax
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import cifar10_gamma, cifar10_simclr
+from contrastive_jax.configs import cifar10_gamma, cifar10_simclr
+from contrastive_jax import step as step_lib
 from contrastive_jax import sharding
-from contrastive_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Keep the recipes; shrink only what a 2-core CPU cannot afford.
@@ -24,13 +24,13 @@ SMALL = dict(batch_size=16, num_steps=2, warmup_steps=1, log_every=1, checkpoint
              eval_limit=32, eval_batch_size=16, knn_k=5, data_workers=0, data_threads=1,
              progress=False)
 # Runs the trainer CLI with TFDS's mock data for the config's dataset.
-RUN = ("import sys, tensorflow_datasets as tfds; from contrastive_jax import train\n"
+RUN = ("import sys, tensorflow_datasets as tfds; from contrastive_jax import main\n"
        "src = None\n"
        "with tfds.testing.mock_data(num_examples=48):\n"
        "  if 'imagenet' in sys.argv[2]:\n"
        "    src = tfds.data_source('imagenet2012', split='train')\n"
        "    print('SHAPES', len({src[i]['image'].shape for i in range(8)}))\n"
-       "  train.cli()\n")
+       "  main.cli()\n")
 
 
 @pytest.mark.parametrize("config,extra", [
@@ -65,11 +65,11 @@ def test_cifar10_gamma_is_the_simclr_recipe_with_the_gamma_loss_and_traces():
   assert gamma.num_steps * gamma.batch_size == simclr.num_steps * simclr.batch_size
   with tfds.testing.mock_data(num_examples=48):
     gamma.update({**SMALL, "data_dir": "/nonexistent"})
-    setup = train.build(gamma)
+    setup = step_lib.build(gamma)
     state = jax.eval_shape(setup.init)
     batch = {k: jax.ShapeDtypeStruct((16, 32, 32, 3), "uint8") for k in ("view1", "view2")}
     batch["index"] = jax.ShapeDtypeStruct((16,), "int32")
     mesh = sharding.make_mesh(gamma)
     new_state, logs = jax.eval_shape(
-        lambda s, b: train.train_step(s, b, task=setup.task, tx=setup.tx, mesh=mesh), state, batch)
+        lambda s, b: step_lib.train_step(s, b, task=setup.task, tx=setup.tx, mesh=mesh), state, batch)
   assert logs["loss"].shape == () and new_state["loss_state"]["log_z"].shape == (2, 48)

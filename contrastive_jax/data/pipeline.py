@@ -9,11 +9,12 @@ losses need it).
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import os
 import threading
 import time
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from absl import flags
 import grain
@@ -70,9 +71,32 @@ def get_source(name: str, split: str, data_dir: Optional[str] = None):
                                  decoders={"image": tfds.decode.SkipDecoding()})
       if isinstance(encoded[0]["image"], bytes):
         return encoded
-    except Exception:  # pylint: disable=broad-except  (TFDS's mock data cannot skip)
+    except Exception:  # noqa: BLE001  (TFDS's mock data cannot skip decoding)
       pass
   return source
+
+
+class DataError(RuntimeError):
+  """The training or evaluation data cannot be read."""
+
+
+def read_or_fail(dataset: str, data_dir: Optional[str], fn: Callable[[], Any]) -> Any:
+  """fn() (a read of `dataset`'s records), with DataError in one line for data files that
+  are missing or corrupt (array_record, TFDS and grain raise many kinds for them).
+  FileNotFoundError (`get_source`'s own line for a dataset that is not prepared) and
+  a full disk pass unchanged."""
+  try:
+    return fn()
+  except (StopIteration, FileNotFoundError):
+    raise
+  except Exception as e:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+      raise
+    raise DataError(
+        f"dataset {dataset!r} in {data_dir or DEFAULT_DATA_DIR} cannot be read "
+        f"({type(e).__name__}: {' '.join(str(e).split())[:200]}): its files are missing or "
+        "corrupt; delete that dataset's folder there and run again to prepare it (built-in "
+        "datasets), or prepare it again (docs/tpu.md)") from None
 
 
 def _encoded_image_feature(source) -> bool:

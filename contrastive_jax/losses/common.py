@@ -48,24 +48,33 @@ def check_embeddings(names: Sequence[str], *arrays: jax.Array, min_batch: int = 
         f"{min_batch} examples (shape {tuple(ref.shape)})")
 
 
+class OptionError(ValueError):
+  """A bad value of a loss's option; `option` names it (so a trainer can name its own
+  config field without reading the message)."""
+
+  def __init__(self, option: str, message: str):
+    super().__init__(message)
+    self.option = option
+
+
 def check_positive(name: str, value) -> None:
-  """Raises ValueError if `value` is a concrete number <= 0 (traced values pass)."""
+  """Raises OptionError if `value` is a concrete number <= 0 (traced values pass)."""
   try:
     v = float(value)
   except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
     return  # traced, e.g. a learnable temperature
   if not v > 0:
-    raise ValueError(f"{name} must be > 0, got {v}")
+    raise OptionError(name, f"{name} must be > 0, got {v}")
 
 
 def check_rate(name: str, value, allow_zero: bool = True) -> None:
-  """Raises ValueError unless a concrete `value` is in [0, 1] ((0, 1] without allow_zero)."""
+  """Raises OptionError unless a concrete `value` is in [0, 1] ((0, 1] without allow_zero)."""
   try:
     v = float(value)
   except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
     return
   if not ((0.0 <= v if allow_zero else 0.0 < v) and v <= 1.0):
-    raise ValueError(f"{name} must be in {'[0' if allow_zero else '(0'}, 1], got {v}")
+    raise OptionError(name, f"{name} must be in {'[0' if allow_zero else '(0'}, 1], got {v}")
 
 
 def check_index(index: jax.Array, batch: int, num_examples: Optional[int] = None) -> None:

@@ -48,7 +48,7 @@ def init_gamma_state(num_examples: Optional[int] = None, estimator: str = "per_e
   if estimator == "global":
     return {"log_z": jnp.full((rows,), -jnp.inf, jnp.float32)}
   if estimator not in ESTIMATORS:
-    raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    raise common.OptionError("estimator", f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
   if num_examples is None or num_examples < 1:
     raise ValueError(f"{estimator} gamma state needs num_examples >= 1, got {num_examples}")
   state = {"log_z": jnp.full((rows, num_examples), -jnp.inf, jnp.float32)}
@@ -59,7 +59,7 @@ def init_gamma_state(num_examples: Optional[int] = None, estimator: str = "per_e
 
 def _check_options(shape, rate_decay, max_ratio, estimator, state, rows=2):
   if estimator not in ESTIMATORS:
-    raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    raise common.OptionError("estimator", f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
   common.check_positive("shape", shape)
   common.check_positive("max_ratio", max_ratio)
   want_ndim = 1 if estimator == "global" else 2
@@ -76,7 +76,7 @@ def _check_options(shape, rate_decay, max_ratio, estimator, state, rows=2):
   except (TypeError, jax.errors.ConcretizationTypeError):
     return
   if not 0.0 <= r <= 1.0:
-    raise ValueError(f"rate_decay must be in [0, 1], got {r}")
+    raise common.OptionError("rate_decay", f"rate_decay must be in [0, 1], got {r}")
 
 
 def _log_eps(key: jax.Array, shape: float, n: int) -> jax.Array:

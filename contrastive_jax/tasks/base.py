@@ -18,7 +18,7 @@ contrastive terms run per device inside `shard_map` with `BATCH_AXES` as the
 losses' `axis_name`, so a decomposable loss moves no embedding between devices.
 """
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import ml_collections
@@ -31,6 +31,12 @@ class Task:
 
   batch_keys: tuple = ()  # the batch fields the step reads (the rest stay on the host)
   evaluators: dict = {}  # name -> name of a method (ctx) -> dict
+  # State entries as large as the model, FSDP-sharded with the optimiser state.
+  model_sized: tuple = ("params",)
+  # State entries where -inf is a value: the loss state marks unvisited examples with it.
+  neg_inf_ok: tuple = ("loss_state",)
+  # Config fields of the task's own that may change when a run resumes (evaluation only).
+  mutable_on_resume: tuple = ()
 
   def __init__(self, cfg: ml_collections.ConfigDict, train_src):
     self.cfg = cfg
@@ -85,11 +91,13 @@ class Task:
       raise ValueError(f"--config.eval_limit={limit}: the probes need at least "
                        f"{self.min_eval_examples} examples (or None: all)")
 
-  def check_evaluators(self, names: str, field: str = "evaluators") -> list[str]:
-    """The names of a comma-separated list; a one-line error for one the task lacks."""
+  def check_evaluators(self, names: str, field: Optional[str] = "evaluators") -> list[str]:
+    """The names of a comma-separated list; a one-line error for one the task lacks,
+    naming the flag: --config.FIELD, or --evaluators (field None: eval_checkpoint)."""
     names = [n.strip() for n in names.split(",") if n.strip()]
+    flag = f"--config.{field}" if field else "--evaluators"
     for name in names:
       if name not in self.evaluators:
-        raise ValueError(f"unknown evaluator {name!r} in --config.{field}: task "
+        raise ValueError(f"unknown evaluator {name!r} in {flag}: task "
                          f"{self.cfg.task!r} has {', '.join(self.evaluators)}")
     return names

@@ -53,6 +53,8 @@ class Fusion(image_text.TwoTower):
   """cfg: as `image_text.TwoTower`, plus fusion.{momentum, itm_weight, mlm_weight,
   mlm_prob, distill_alpha}."""
 
+  model_sized = ("params", "ema_params")  # the momentum encoders are as large as the model
+
   def __init__(self, cfg, train_src, tokenizer=None):
     if "captions" not in train_src[0]:
       raise ValueError(f"the fusion task needs a tokenized (caption) second modality; "

@@ -24,6 +24,7 @@ class TwoView(base.Task):
   optional image_size (default: the images' own), eval_crop_fraction, eval_batch_size."""
 
   batch_keys = ("view1", "view2", "index")
+  mutable_on_resume = ("knn_k",)
   evaluators = {"knn": "eval_knn", "linear_probe": "eval_linear", "rank": "eval_rank"}
 
   def __init__(self, cfg, train_src):

@@ -2,6 +2,8 @@
 devices, logging, checkpoints). Task configs start from `get_config()` and add
 the fields their task reads."""
 
+from typing import Any, Optional
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -67,3 +69,24 @@ def add_loss(c: ml_collections.ConfigDict, name: str, temperature: float) -> Non
   c.loss = name
   c.temperature = temperature
   c.loss_options = ml_collections.ConfigDict(registry.all_options())
+
+
+# What every smoke variant shrinks (a config adds its own: a small dataset, a small model).
+SMOKE = dict(batch_size=64, num_steps=20, warmup_steps=2, log_every=5, checkpoint_every=10,
+             eval_at_init=False, progress=False, eval_limit=300, data_threads=1, data_workers=0)
+
+
+def variant(c: ml_collections.ConfigDict, arg: Optional[str],
+            **smoke: Any) -> ml_collections.ConfigDict:
+  """c itself (arg None or ""), or its "smoke" variant: the same recipe at a size the
+  tests and a 2-core CPU afford (SMOKE, then the config's own `smoke` overrides)."""
+  if not arg:
+    return c
+  if arg != "smoke":
+    raise ValueError(f"unknown config variant {arg!r}: use none or 'smoke'")
+  for key, value in {**SMOKE, **smoke}.items():
+    if isinstance(value, dict):
+      c[key].update(value)
+    else:
+      c[key] = value
+  return c
