@@ -19,7 +19,12 @@ def _module_imports() -> dict:
       rel = os.path.relpath(path, os.path.dirname(PACKAGE))[:-3].replace(os.sep, ".")
       module = rel[:-len(".__init__")] if rel.endswith(".__init__") else rel
       deps = set()
-      for node in ast.walk(ast.parse(open(path).read())):
+      tree = ast.parse(open(path).read())
+      # What runs only when the module is the program (`python -m ...`) is never run by an
+      # import: `train.py` hands its command line to `main.py` there.
+      tree.body = [n for n in tree.body if not (
+          isinstance(n, ast.If) and "__main__" in ast.unparse(n.test))]
+      for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
             "contrastive_jax"):
           # `from contrastive_jax.x import y`: y may be a module or a name in x.

@@ -108,8 +108,7 @@ class Tokenizer:
       raise ValueError("cannot encode an empty caption")
     unknown = [w for w in words if w not in self._ids]
     if unknown and strict:
-      raise ValueError(f"unknown words {unknown} in {text!r}",
-                    stacklevel=2)
+      raise ValueError(f"unknown words {unknown} in {text!r}")
     if len(words) > self.max_len - 1:
       warnings.warn(f"caption of {len(words)} words truncated to {self.max_len - 1}: {text!r}",
                     stacklevel=2)

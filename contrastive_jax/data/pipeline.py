@@ -138,7 +138,7 @@ def split_names(source) -> Optional[list[str]]:
   if names is not None:
     return names
   try:
-    return sorted(source.dataset_info.splits.keys())
+    return sorted(source.dataset_info.splits.keys()) or None  # TFDS mock data: none
   except (AttributeError, TypeError):
     return None
 
