@@ -1,12 +1,13 @@
-"""Evaluation protocols on frozen features: weighted kNN, linear probe, few-shot,
-retrieval, zero-shot; and the command that evaluates a workdir's checkpoint.
+"""Evaluation protocols on frozen features: weighted kNN, linear probe, retrieval,
+zero-shot; and the helpers that embed in batches (`in_batches` for arrays in memory,
+`embed_batches` for a streamed split).
 
 Features are computed once, then every protocol is a small pure-JAX program. To
 evaluate a workdir's checkpoint: `python -m contrastive_jax.eval_checkpoint`.
 """
 
 import functools
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +17,16 @@ import optax
 from contrastive_jax import metrics
 
 
-def embed(apply_fn: Callable, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-  """apply_fn(images [b, ...]) -> features [b, F], over all images in batches -> [N, F]."""
-  out = [np.asarray(apply_fn(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
-  return np.concatenate(out)
+def in_batches(fn: Callable, *arrays: np.ndarray, batch_size: int = 500) -> Any:
+  """fn over aligned batches of in-memory arrays [N, ...] -> its outputs (any tree of
+  [b, ...] arrays) concatenated to [N, ...] as NumPy. Empty arrays give None leaves.
+  (`embed_batches` streams a split instead, sharded over the devices.)"""
+  n = len(arrays[0])
+  outs = [jax.device_get(fn(*(a[i:i + batch_size] for a in arrays)))
+          for i in range(0, n, batch_size)]
+  if not outs:
+    return None
+  return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *outs)
 
 
 def embed_batches(apply_fn: Callable, params, batches: Iterable[dict],
@@ -142,24 +149,6 @@ def linear_probe(train_x, train_y, test_x, test_y, *, num_classes: int,
           "val_top1": scores[best]}
 
 
-def few_shot(train_x, train_y, test_x, test_y, *, num_classes: int, shots=(1, 5, 10),
-             seeds=(0, 1, 2), weight_decay: float = 1e-2) -> dict:
-  """Logistic probe on k examples per class: {"k-shot": {"mean", "std"}} over seeds."""
-  train_y = np.asarray(train_y)
-  out = {}
-  for k in shots:
-    accs = []
-    for seed in seeds:
-      rng = np.random.default_rng(seed)
-      sel = np.concatenate([rng.choice(np.flatnonzero(train_y == c), k, replace=False)
-                            for c in range(num_classes) if np.sum(train_y == c) >= k])
-      tx, sx = _standardize(np.asarray(train_x, np.float32)[sel], np.asarray(test_x, np.float32))
-      params = fit_logistic(tx, train_y[sel], num_classes=num_classes, weight_decay=weight_decay)
-      accs.append(_accuracy(params, sx, test_y))
-    out[f"{k}-shot"] = {"mean": float(np.mean(accs)), "std": float(np.std(accs))}
-  return out
-
-
 def retrieval_recall(img, txt, txt_to_img: Optional[np.ndarray] = None,
                      ks=(1, 5, 10)) -> dict:
   """Image->text and text->image Recall@k by cosine similarity.
@@ -194,15 +183,3 @@ def zero_shot(img, class_txt, labels, ks=(1, 3, 5)) -> dict:
   return {f"top{k}": float((order[:, :k] == labels[:, None]).any(1).mean()) for k in ks}
 
 
-def geometry(x, y=None) -> dict:
-  """Embedding geometry: effective rank / rank of x, and (with paired y) gap, distance,
-  alignment and uniformity."""
-  x = jnp.asarray(x)
-  out = {"effective_rank": float(metrics.effective_rank(x)), "rank": int(metrics.rank(x)),
-         "uniformity": float(metrics.uniformity(x[:2048]))}
-  if y is not None:
-    y = jnp.asarray(y)
-    out.update(modality_gap=float(metrics.modality_gap(x, y)),
-               paired_distance=float(metrics.paired_distance(x, y)),
-               alignment=float(metrics.alignment(x, y)))
-  return out

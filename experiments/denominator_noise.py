@@ -16,7 +16,7 @@ at least the spread of Zb_k / Z_k, the price of its unbiasedness.
 With --drift_from STEP it also measures what holding the embeddings fixed leaves out:
 how far each anchor's log Z_k moves between checkpoint STEP and the last one (an entry
 refreshed once an epoch is that stale), in all (mean, std) and after removing the shift
-that all anchors share (what a running level, estimator="relative", can follow).
+that all anchors share (what a running level could follow).
 
   python experiments/denominator_noise.py --workdir results/batch_size_ablation/runs/...
 """

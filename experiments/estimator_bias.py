@@ -83,14 +83,11 @@ def exact_biases(n: int = 32, b: int = 4, temperature: float = 0.5,
       lambda a, c, i: L.dcl_loss(a, c, temperature=temperature), z1, z2, b), exact)}
   for rate in rates:
     def gamma(update_first, estimator="per_example"):
-      state = {"per_example": {"log_z": log_z}, "global": {"log_z": log_zbar},
-               # any split of log Z into level + offsets is a perfect prior
-               "relative": {"log_z": log_z - log_zbar[:, None], "level": log_zbar}}[estimator]
+      state = {"per_example": {"log_z": log_z}, "global": {"log_z": log_zbar}}[estimator]
       return lambda a, c, i: L.gamma_loss(a, c, state, i, key, temperature=temperature,
                                           shape=float("inf"), rate_decay=rate,
                                           estimator=estimator, update_first=update_first)[0]
     for row, fn in (("gamma", gamma(False)), ("gamma_update_first", gamma(True)),
-                    ("gamma_relative", gamma(False, "relative")),
                     ("gamma_global", gamma(False, "global"))):
       out.setdefault(row, {})[str(rate)] = relative_bias(
           expected_gradient(fn, z1, z2, b), exact)
@@ -109,7 +106,7 @@ def main():
   print(f"exact relative gradient bias, all C({args.n}, {args.b}) minibatches, perfect prior")
   print(f"{'estimator':<22}" + "".join(f"{'rate ' + r:>12}" for r in rates))
   print(f"{'minibatch InfoNCE':<22}" + f"{result['infonce']:>12.2e}" * len(rates))
-  for row in ("gamma", "gamma_update_first", "gamma_relative", "gamma_global"):
+  for row in ("gamma", "gamma_update_first", "gamma_global"):
     print(f"{row:<22}" + "".join(f"{result[row][r]:>12.2e}" for r in rates))
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:

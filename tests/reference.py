@@ -115,21 +115,6 @@ def _zhat(table, index, log_zb, rate, update_first, max_ratio=100.0):
   return table, zhat.reshape(-1)
 
 
-def zhat_relative(table, level, index, log_zb, rate, max_ratio=100.0):
-  """estimator="relative": (new table, new level, log Zhat [2b]). Entries are offsets from
-  the level; the prior is offset + the level before this batch (the batch's own level on
-  the first step), and updated entries are stored against the new level."""
-  table = table.copy()
-  batch_level = np.array([logsumexp(row) - np.log(len(row)) for row in log_zb])
-  lvl = np.where(np.isfinite(level), level, batch_level)
-  new_level = ema(level, batch_level, rate)
-  old = table[:, index].copy()
-  table[:, index] = ema(old, log_zb - lvl[:, None], rate) + (lvl - new_level)[:, None]
-  zhat = np.where(np.isfinite(old), old + lvl[:, None], log_zb)
-  zhat = np.maximum(zhat, log_zb - np.log(max_ratio))
-  return table, new_level, zhat.reshape(-1)
-
-
 def gamma_two_view(z1, z2, table, index, log_eps, t, rate, include_positive=False, zhat=None,
                    update_first=False, max_ratio=100.0):
   s, pos = two_view(z1, z2, t)

@@ -17,7 +17,6 @@ def test_default_order_is_exactly_unbiased_and_update_first_is_not():
   assert result["infonce"] > 0.02, result  # the bias the loss exists to remove
   for rate in ("0.1", "0.5"):
     assert result["gamma"][rate] < 1e-4, result  # float32 rounding only
-    assert result["gamma_relative"][rate] < 1e-4, result  # level + offsets: as exact
     assert result["gamma_update_first"][rate] > 0.1 * result["infonce"], result
   # SogCLR's order: more of the batch in u, more bias.
   assert result["gamma_update_first"]["0.5"] > result["gamma_update_first"]["0.1"]

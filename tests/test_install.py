@@ -93,6 +93,7 @@ def test_constraints_pin_every_declared_distribution_exactly():
 
 
 @pytest.mark.skipif(shutil.which("python3") is None, reason="no python3 to make a venv")
+@pytest.mark.slow
 def test_a_plain_install_runs_a_loss_on_jax_alone(tmp_path):
   """pip install . (no extras) into a fresh venv: no flax, tfds, grain; the losses run."""
   src = tmp_path / "src"
@@ -121,3 +122,56 @@ def test_a_plain_install_runs_a_loss_on_jax_alone(tmp_path):
                        timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
   assert run.returncode == 0, run.stderr[-3000:]
   assert run.stdout.strip().endswith("(8, 4)")
+  # The trainer's console script without its extra: one line naming the extra.
+  cli = subprocess.run([str(venv / "bin" / "contrastive-jax-train"), "--help"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+  assert cli.returncode == 1 and "Traceback" not in cli.stderr, cli.stderr[-2000:]
+  assert cli.stderr.strip().splitlines() == [
+      "error: the trainer needs the 'train' extra (absl is not installed): "
+      "pip install 'contrastive_jax[train]'"], cli.stderr
+
+
+def _copy_project(dest):
+  dest.mkdir()
+  for name in ("pyproject.toml", "README.md", "constraints.txt", "LICENSE"):
+    shutil.copy(os.path.join(ROOT, name), dest / name)
+  shutil.copytree(PACKAGE, dest / "contrastive_jax", ignore=shutil.ignore_patterns("__pycache__"))
+
+
+@pytest.mark.slow
+def test_configs_run_by_name_and_by_path_from_any_directory_after_a_plain_install(tmp_path):
+  """A regular (not editable) install into a fresh venv, whose dependencies come from
+  this venv: `--config mnist_gamma:smoke` (a name) and an absolute path to a config
+  file both train 2 steps from an empty directory outside the checkout."""
+  _copy_project(tmp_path / "src")
+  venv = tmp_path / "venv"
+  subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+  site = subprocess.run([str(venv / "bin" / "python"), "-c", "import site; print(site.getsitepackages()[0])"],
+                        capture_output=True, text=True, check=True).stdout.strip()
+  deps = [p for p in sys.path if p.endswith("site-packages")]
+  with open(os.path.join(site, "deps.pth"), "w") as f:  # the dependencies, not our package
+    f.write("\n".join(deps) + "\n")
+  out = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "."],
+                       cwd=tmp_path / "src", capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  data_dir = tmp_path / "tfds"
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  (elsewhere / "my_config.py").write_text(
+      "from contrastive_jax.configs import mnist_gamma\n"
+      "def get_config():\n  return mnist_gamma.get_config('smoke')\n")
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  for config in ("mnist_gamma:smoke", str(elsewhere / "my_config.py")):
+    work = elsewhere / f"run_{len(os.listdir(elsewhere))}"
+    run = subprocess.run(
+        [str(venv / "bin" / "contrastive-jax-train"), "--config", config, "--workdir", str(work),
+         f"--config.data_dir={data_dir}", "--config.num_steps=2", "--config.final_evaluators=knn"],
+        cwd=elsewhere, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, (config, run.stderr[-3000:])
+    assert "kNN top-1" in run.stdout, run.stdout
+    where = subprocess.run([str(venv / "bin" / "python"), "-c",
+                            "import contrastive_jax; print(contrastive_jax.__file__)"],
+                           cwd=elsewhere, capture_output=True, text=True, env=env).stdout
+    assert where.startswith(site), where  # the installed copy, not the checkout

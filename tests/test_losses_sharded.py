@@ -120,9 +120,8 @@ def test_gamma_moves_no_embeddings(mesh):
   assert ops, "expected the scalar all-reduces of the loss and the state"
   assert all(op == "all-reduce" for op, _ in ops), ops
   assert sum(elements(n) for _, n in ops) <= 8, ops  # a few scalars: loss, 2 log-rates
-  # per_example, relative: all-gathers carry only the B indices and 2 x B log-denominators
-  # (relative adds a few scalar all-reduces for its level).
-  for estimator in ("per_example", "relative"):
+  # per_example: all-gathers carry only the B indices and 2 x B log-denominators.
+  for estimator in ("per_example",):
     ops = collectives(gamma_sharded(mesh, estimator), z1, z2, index, key)
     assert not [op for op, _ in ops if op in ("all-to-all", "collective-permute")], ops
     gathered = [elements(s) for op, s in ops if op == "all-gather"]

@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from contrastive_jax.data import augment as aug_lib
+from contrastive_jax.data import captions
 from contrastive_jax.data.builders import BUILDERS
 
 DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "contrastive_jax", "tfds")
@@ -124,12 +125,29 @@ class InMemory:
       self.fields[key] = np.stack(values) if len(shapes) == 1 else values
     self.length = len(records)
     self.split_names = split_names(source)
+    self.metadata = metadata(source)
 
   def __len__(self) -> int:
     return self.length
 
   def __getitem__(self, index) -> dict:
     return {k: v[int(index)] for k, v in self.fields.items()}
+
+
+def metadata(source) -> dict:
+  """What a prepared dataset stores beside its records (e.g. a captioned set's tokenizer)."""
+  found = getattr(source, "metadata", None)
+  if found is None:
+    found = getattr(getattr(source, "dataset_info", None), "metadata", None)
+  return dict(found or {})
+
+
+def tokenizer(source) -> "captions.Tokenizer":
+  """The tokenizer saved with a captioned dataset, from its source."""
+  saved = metadata(source).get("tokenizer")
+  if saved is None:
+    raise ValueError("this dataset stores no tokenizer: it is not a captioned dataset")
+  return captions.Tokenizer.from_json(saved)
 
 
 def split_names(source) -> Optional[list[str]]:

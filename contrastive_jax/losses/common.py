@@ -232,7 +232,7 @@ def ema_log(old: jax.Array, new: jax.Array, rate) -> jax.Array:
 
 
 def update_table(table: jax.Array, index: jax.Array, values: jax.Array, rate,
-                 axis_name: Optional[str], shift=None) -> tuple[jax.Array, jax.Array]:
+                 axis_name: Optional[str]) -> tuple[jax.Array, jax.Array]:
   """EMA-updates rows `index` of a per-example log table and reads them back.
 
   Args:
@@ -241,7 +241,6 @@ def update_table(table: jax.Array, index: jax.Array, values: jax.Array, rate,
     axis_name: if set, every device applies every device's (index, value) pairs,
       so the replicated table stays identical: only 2 x B scalars per row cross
       devices, never embeddings.
-    shift: optional [R] added to the rows this call writes (after the EMA).
   Returns:
     (new table [R, N], updated local values [R, b]).
   """
@@ -255,8 +254,6 @@ def update_table(table: jax.Array, index: jax.Array, values: jax.Array, rate,
   # A non-finite estimate (NaN or inf embeddings) never enters the table: the entry keeps
   # its old value.
   new_rows = ema_log(old_rows, all_values, rate)
-  if shift is not None:
-    new_rows = new_rows + jax.lax.stop_gradient(shift)[:, None]
   new_rows = jnp.where(jnp.isfinite(all_values), new_rows, old_rows)
   table = table.at[:, all_index].set(new_rows)
   return table, table[:, index]

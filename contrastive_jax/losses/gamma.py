@@ -29,7 +29,7 @@ from contrastive_jax.losses import common
 from contrastive_jax.losses import streamed
 from contrastive_jax.metrics import l2_normalize
 
-ESTIMATORS = ("per_example", "relative", "global")
+ESTIMATORS = ("per_example", "global")
 
 
 def init_gamma_state(num_examples: Optional[int] = None, estimator: str = "per_example",
@@ -39,8 +39,6 @@ def init_gamma_state(num_examples: Optional[int] = None, estimator: str = "per_e
   per_example: {"log_z": [rows, N]}, one row per view (or per direction of the
     two-modality form; 2 for `gamma_loss` / `gamma_clip_loss`) and one entry per
     dataset example.
-  relative: {"log_z": [rows, N], "level": [rows]}: each entry is its anchor's log
-    denominator minus the running level, which follows the drift of all anchors.
   global: {"log_z": [rows]}, one scalar per view/direction (no stable indices needed).
   """
   if rows < 1:
@@ -51,10 +49,7 @@ def init_gamma_state(num_examples: Optional[int] = None, estimator: str = "per_e
     raise common.OptionError("estimator", f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
   if num_examples is None or num_examples < 1:
     raise ValueError(f"{estimator} gamma state needs num_examples >= 1, got {num_examples}")
-  state = {"log_z": jnp.full((rows, num_examples), -jnp.inf, jnp.float32)}
-  if estimator == "relative":
-    state["level"] = jnp.full((rows,), -jnp.inf, jnp.float32)
-  return state
+  return {"log_z": jnp.full((rows, num_examples), -jnp.inf, jnp.float32)}
 
 
 def _check_options(shape, rate_decay, max_ratio, estimator, state, rows=2):
@@ -64,9 +59,7 @@ def _check_options(shape, rate_decay, max_ratio, estimator, state, rows=2):
   common.check_positive("max_ratio", max_ratio)
   want_ndim = 1 if estimator == "global" else 2
   log_z = state.get("log_z") if isinstance(state, dict) else None
-  level = state.get("level") if isinstance(state, dict) else None
-  if (log_z is None or log_z.ndim != want_ndim or log_z.shape[0] != rows or
-      (estimator == "relative") != (level is not None)):
+  if log_z is None or log_z.ndim != want_ndim or log_z.shape[0] != rows:
     raise ValueError(
         f"state for estimator={estimator!r} must be init_gamma_state(..., estimator="
         f"{estimator!r}) with log_z of rank {want_ndim} and {rows} rows, got "
@@ -98,10 +91,6 @@ def decomposable_loss(log_zb: jax.Array, pos: jax.Array, state: dict,
     loss   = mean_k [ -s_k+ + sg(eps_k / Zhat_k) Zb_k ],   eps_k ~ Gamma(shape, 1) / shape,
     Zhat_k = max(prior Zhat_k, Zb_k / max_ratio)   (first visit: Zb_k),
     state  <- (1 - rate_decay) Zhat_k + rate_decay Zb_k.
-  With estimator="relative" the prior is the entry's offset times the running level
-  Lbar (a rate_decay EMA of the batch means of Zb, updated every step), read before this
-  batch updates either: an entry refreshed once an epoch then follows the drift that all
-  denominators share, and u_k still depends on past batches only.
   Given Zhat_k = Z_k, the expected gradient is that of mean_k [-s_k+ + log Z_k] exactly,
   whatever the minibatch: u_k does not depend on the batch's negatives. `max_ratio` only
   acts when the batch's Zb_k exceeds the prior by that factor (a stale or unlucky prior,
@@ -139,19 +128,6 @@ def decomposable_loss(log_zb: jax.Array, pos: jax.Array, state: dict,
     prior = state["log_z"][:, index]  # [R, b], read before this batch updates it
     table, updated = common.update_table(state["log_z"], index, log_zb, rate_decay, axis_name)
     new_state = {"log_z": table}
-  elif estimator == "relative":
-    common.check_index(index, b, state["log_z"].shape[1])
-    batch_level = common.batch_log_mean(log_zb, axis_name)  # [R]
-    old = state["level"]  # before this batch; the very first step has only the batch's
-    level = jnp.where(jnp.isfinite(old), old, batch_level)
-    new_level = jnp.where(jnp.isfinite(batch_level),
-                          common.ema_log(old, batch_level, rate_decay), old)
-    prior = state["log_z"][:, index] + level[:, None]
-    # Entries are written relative to the new level (the EMA is shift-equivariant).
-    table, offsets = common.update_table(state["log_z"], index, log_zb - level[:, None],
-                                         rate_decay, axis_name, shift=level - new_level)
-    updated = offsets + new_level[:, None]
-    new_state = {"log_z": table, "level": new_level}
   else:
     prior = jnp.broadcast_to(state["log_z"][:, None], (rows, b))
     log_z = common.update_scalar(state["log_z"], log_zb, rate_decay, axis_name)
@@ -203,8 +179,7 @@ def gamma_loss(z1: jax.Array, z2: jax.Array, state: dict, index: Optional[jax.Ar
     max_ratio: > 0, bound on Zb_k / Zhat_k in u_k (inf: none); the default 100 keeps the
       heavy-tailed toy of experiments/gradient_bias.py finite and leaves any batch within
       100x of its prior exactly as it was.
-    estimator: "per_example" (one Zhat per dataset example), "relative" (one offset per
-      example from a level updated every step: see `decomposable_loss`) or "global" (one per view:
+    estimator: "per_example" (one Zhat per dataset example) or "global" (one per view:
       u = eps / Zbar, the data's mean denominator, so its expected gradient is that of
       mean_k Z_k / Zbar, not of mean_k log Z_k: biased, about as much as minibatch
       InfoNCE on the exact-expectation pool (experiments/estimator_bias.py). For

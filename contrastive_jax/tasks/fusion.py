@@ -137,15 +137,10 @@ def _fused(model, params, images, tokens) -> jax.Array:
   return model.apply(params, image_tokens, seq, tokens, method=model.fuse)
 
 
-def _batched(fn, images, tokens, batch_size: int = 500) -> np.ndarray:
-  return np.concatenate([np.asarray(fn(images[i:i + batch_size], tokens[i:i + batch_size]))
-                         for i in range(0, len(images), batch_size)])
-
-
 def fused_features(model, params, images, tokens, batch_size: int = 500) -> np.ndarray:
   """[CLS] of the fusion encoder for pairs (images [N, ...], tokens [N, L]) -> [N, W]."""
   f = jax.jit(lambda x, t: _fused(model, params, x, t)[:, 0])
-  return _batched(f, images, tokens, batch_size)
+  return evaluate.in_batches(f, images, tokens, batch_size=batch_size)
 
 
 def fusion_tasks(data: dict, tokenizer, seed: int) -> dict:
@@ -183,7 +178,7 @@ def evaluate_fusion(model, params, train: dict, test: dict, tokenizer,
 
   itm_logits = jax.jit(lambda x, tok: model.apply(params, _fused(model, params, x, tok),
                                                   method=model.itm))
-  pred = np.argmax(_batched(itm_logits, test["image"][t["image"]], t["tokens"]), -1)
+  pred = np.argmax(evaluate.in_batches(itm_logits, test["image"][t["image"]], t["tokens"]), -1)
   out = {"itm_accuracy": float(np.mean(pred == t["label"]))}
 
   def probe(pairs_tr, pairs_te, num_classes):

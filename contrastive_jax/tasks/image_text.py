@@ -28,7 +28,6 @@ from contrastive_jax import evaluate
 from contrastive_jax import losses as L
 from contrastive_jax import metrics
 from contrastive_jax.data import augment as aug_lib
-from contrastive_jax.data import builders
 from contrastive_jax.data import captions
 from contrastive_jax.data import pipeline
 from contrastive_jax.models import multimodal
@@ -78,8 +77,7 @@ class TwoTower(base.Task):
         cfg.loss, cfg.loss_options.get(cfg.loss, {}), len(train_src))
     self.captioned = "captions" in train_src[0]
     if self.captioned:
-      self.tokenizer = tokenizer or builders.tokenizer(builders.BUILDERS[cfg.dataset](
-          data_dir=cfg.data_dir or pipeline.DEFAULT_DATA_DIR))
+      self.tokenizer = tokenizer or pipeline.tokenizer(train_src)
       self.evaluators = {"zero_shot": "eval_zero_shot", "retrieval": "eval_retrieval",
                          "gap": "eval_gap", "probes": "eval_probes"}
     else:
@@ -244,14 +242,11 @@ def _probe(train_x, train_y, test_x, test_y) -> float:
 
 def embed_all(model, params, images, second, batch_size: int = 500) -> dict:
   """{"features", "img", "txt"} of images [N, ...] and second-modality rows [M, ...]."""
-  enc_img = jax.jit(lambda x: model.apply(params, x, method=model.encode_image))
-  enc_txt = jax.jit(lambda t: model.apply(params, t, method=model.encode_text))
-  f, img, txt = [], [], []
-  for i in range(0, len(images), batch_size):
-    feats, z, _ = enc_img(images[i:i + batch_size])
-    f.append(np.asarray(feats[:, 0] if feats.ndim == 3 else feats))  # fusion: [CLS] token
-    img.append(np.asarray(z))
-  for i in range(0, len(second), batch_size):
-    txt.append(np.asarray(enc_txt(second[i:i + batch_size])[1]))
-  cat = lambda xs: np.concatenate(xs) if xs else None
-  return {"features": cat(f), "img": cat(img), "txt": cat(txt)}
+  @jax.jit
+  def image(x):
+    feats, z, _ = model.apply(params, x, method=model.encode_image)
+    return feats[:, 0] if feats.ndim == 3 else feats, z  # fusion: the [CLS] token
+  text = jax.jit(lambda t: model.apply(params, t, method=model.encode_text)[1])
+  features, img = evaluate.in_batches(image, images, batch_size=batch_size) or (None, None)
+  return {"features": features, "img": img,
+          "txt": evaluate.in_batches(text, second, batch_size=batch_size)}
