@@ -114,7 +114,7 @@ def main(argv: list[str]) -> None:
   """Runs the trainer on the parsed flags; prints the final evaluation (process 0)."""
   del argv
   import jax
-  from contrastive_jax import checkpointing, sharding, train
+  from contrastive_jax import checkpointing, sharding, stopping, train
   from contrastive_jax.data import pipeline
   from contrastive_jax import workdir as workdir_lib
   _quiet_background_failures()
@@ -126,7 +126,7 @@ def main(argv: list[str]) -> None:
     result = train.train_and_evaluate(f["config"].value, f["workdir"].value,
                                       stop_at=f["stop_at"].value)
   except (ValueError, OSError, FloatingPointError, workdir_lib.WorkdirError,
-          checkpointing.CheckpointError, pipeline.DataError) as e:
+          checkpointing.CheckpointError, pipeline.DataError, stopping.PeerFailed) as e:
     sharding.finish_peer_watchdog()
     sys.exit(f"error: {e}")
   except jax.errors.JaxRuntimeError as e:

@@ -6,6 +6,7 @@ GSPMD and the task's contrastive terms run per device in `shard_map`. The loop
 around them is `contrastive_jax.train`.
 """
 
+import math
 from typing import Callable, NamedTuple, Optional
 
 import jax
@@ -17,6 +18,33 @@ from contrastive_jax import sharding
 from contrastive_jax import tasks
 from contrastive_jax.data import pipeline
 from contrastive_jax.losses import common
+
+
+def _positive_int(cfg, name, minimum=1):
+  v = cfg.get(name)
+  if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+    raise ValueError(f"--config.{name}={v!r}: must be an integer >= {minimum}")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the field and what is allowed for a bad trainer setting."""
+  for name in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+    _positive_int(cfg, name)
+  for name in ("warmup_steps", "eval_every", "data_threads", "data_workers"):
+    _positive_int(cfg, name, minimum=0)
+  for name, default in (("progress_every_s", 60.0), ("stop_timeout_s", 300.0),
+                        ("lock_stale_s", 120.0)):
+    v = cfg.get(name, default)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+      raise ValueError(f"--config.{name}={v!r}: must be a number > 0")
+  if cfg.get("eval_limit") is not None:
+    _positive_int(cfg, "eval_limit")
+  for name in ("learning_rate", "weight_decay"):
+    v = cfg.get(name)
+    if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (
+        name == "learning_rate" and v == 0):
+      raise ValueError(f"--config.{name}={v!r}: must be a finite number "
+                       f"{'> 0' if name == 'learning_rate' else '>= 0'}")
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Callable]:

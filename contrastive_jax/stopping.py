@@ -131,3 +131,16 @@ class Stop:
     if not self._multi:
       return self.code
     return self._read(self._vote(self.code))
+
+
+class PeerFailed(RuntimeError):
+  """Another process of the run failed a step that every process must pass."""
+
+
+def agree(ok: bool, what: str) -> None:
+  """Multi-process: every process stops when one of them failed `what` (that one says
+  why; the others raise PeerFailed)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    if not np.all(multihost_utils.process_allgather(np.int32(ok))) and ok:
+      raise PeerFailed(f"another process failed to {what} (see its log)")

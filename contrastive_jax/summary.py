@@ -189,7 +189,7 @@ class MetricWriter:
     self.dead: Optional[str] = None
     self.log = self.tb = None
     if enabled:
-      self._guard(lambda: None)
+      self.guarded(lambda: None)
       self.log = self._io(lambda: workdir_lib.MetricsLog(workdir, start))
       self.tb = self._io(lambda: Writer(workdir, start, enabled=tensorboard))
 
@@ -200,7 +200,8 @@ class MetricWriter:
       self.dead = f"cannot write the run's files in {self.workdir}: {workdir_lib.describe_error(e)}"
       raise WriteError(self.dead) from None
 
-  def _guard(self, fn: Callable) -> None:
+  def guarded(self, fn: Callable) -> None:
+    """fn() (a write to the workdir) if the lock still holds and no sink failed."""
     if self.dead is not None:
       return
     if not self.fence():
@@ -216,11 +217,11 @@ class MetricWriter:
     def both():
       self.log.write({"step": step, "phase": phase, **record})
       self.tb.write(step, {k: v for k, v in record.items() if k != "random_init"}, phase)
-    self._guard(both)
+    self.guarded(both)
 
   def flush(self) -> None:
     if self.enabled:
-      self._guard(lambda: (self.log.flush(), self.tb.flush()))
+      self.guarded(lambda: (self.log.flush(), self.tb.flush()))
 
   def close(self) -> None:
     """Flushes and closes what still can be (never raises: the run is ending)."""

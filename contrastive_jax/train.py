@@ -1,23 +1,18 @@
-"""The one trainer: every task (two-view, image-text two-tower, fusion) trains
-through the same sharded step and loop, with Orbax checkpoints.
+"""A training run, for every task (two-view, image-text two-tower, fusion): start or
+resume, the loop, checkpoints, the final evaluation.
 
-  python -m contrastive_jax.train --config configs/mnist_gamma.py --workdir runs/x
-      [--config.batch_size=64 ...]    (--workdir may be gs://bucket/run)
+  python -m contrastive_jax.train --config mnist_gamma --workdir runs/x   (main.py: the CLI)
 
-A task (`contrastive_jax.tasks`) owns its model, objective and evaluation; this
-module owns the optimiser, the step, the loop and the run's files. The step runs
-under `jit` on a ("data", "fsdp") mesh (`contrastive_jax.sharding`): the model
-applies under GSPMD and the task's contrastive terms run per device in
-`shard_map`, so global-negative losses gather keys and the gamma loss keeps its
-negatives local. Multi-process (multi-host) runs call `jax.distributed.initialize`
-first (cfg.distributed); each process feeds its slice of every global batch.
-Batch k is a pure function of (seed, k), so a run resumed from a checkpoint at
-step k continues exactly as if never stopped. SIGTERM (or Ctrl-C) saves a
-checkpoint and exits cleanly.
+The state and the jitted step are `contrastive_jax.step`; a task
+(`contrastive_jax.tasks`) owns its model, objective and evaluation. Multi-process
+runs call `jax.distributed.initialize` first (cfg.distributed); each process feeds
+its slice of every global batch, and batch k is a pure function of (seed, k), so a
+run resumed at step k continues exactly as if never stopped. Every process stops
+at the same step (`contrastive_jax.stopping`), and every write is fenced by the
+workdir lock (`contrastive_jax.workdir`).
 """
 
 import functools
-import math
 import time
 from typing import Optional
 
@@ -36,44 +31,9 @@ from contrastive_jax import workdir as workdir_lib
 from contrastive_jax.data import pipeline
 
 
-def _positive_int(cfg, name, minimum=1):
-  v = cfg.get(name)
-  if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-    raise ValueError(f"--config.{name}={v!r}: must be an integer >= {minimum}")
-
-
-def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the field and what is allowed for a bad trainer setting."""
-  for name in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
-    _positive_int(cfg, name)
-  for name in ("warmup_steps", "eval_every", "data_threads", "data_workers"):
-    _positive_int(cfg, name, minimum=0)
-  for name, default in (("progress_every_s", 60.0), ("stop_timeout_s", 300.0),
-                        ("lock_stale_s", 120.0)):
-    v = cfg.get(name, default)
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
-      raise ValueError(f"--config.{name}={v!r}: must be a number > 0")
-  if cfg.get("eval_limit") is not None:
-    _positive_int(cfg, "eval_limit")
-  for name in ("learning_rate", "weight_decay"):
-    v = cfg.get(name)
-    if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (
-        name == "learning_rate" and v == 0):
-      raise ValueError(f"--config.{name}={v!r}: must be a finite number "
-                       f"{'> 0' if name == 'learning_rate' else '>= 0'}")
-
-
 def _print(*args):
   if jax.process_index() == 0:
     print(*args, flush=True)
-
-
-def _agree(ok: bool, what: str) -> None:
-  """Multi-process: every process stops when one of them failed `what` (it said why)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    if not np.all(multihost_utils.process_allgather(np.int32(ok))) and ok:
-      raise workdir_lib.WorkdirError(f"another process failed to {what} (see its log)")
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: workdir_lib.PathLike,
@@ -97,7 +57,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: workdir_lib.Path
   """
   if not str(workdir).strip():
     raise ValueError("--workdir is empty (an unset $WORKDIR?): give the run's directory")
-  validate(cfg)
+  step_lib.validate(cfg)
   if stop_at is not None and stop_at < 0:
     raise ValueError(f"--stop_at={stop_at}: must be >= 0")
   sharding.initialize_distributed(cfg)
@@ -114,7 +74,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: workdir_lib.Path
     if lead:
       lock.acquire()
   finally:
-    _agree(lock.held or not lead, "take the workdir lock")
+    stopping.agree(lock.held or not lead, "take the workdir lock")
   mesh = sharding.make_mesh(cfg)
   stop = stopping.Stop(mesh, sharding.BATCH_AXES, cfg.get("stop_timeout_s", 300.0))
   stop.install()
@@ -172,11 +132,11 @@ def _open_writer(cfg, workdir, start, lock) -> summary.MetricWriter:
     writer = summary.MetricWriter(workdir, start, enabled=lead, progress=progress,
                                   tensorboard=cfg.get("tensorboard", True), fence=lock.check)
     if lead:
-      writer._guard(lambda: workdir_lib.write_text(
+      writer.guarded(lambda: workdir_lib.write_text(
           workdir_lib.join(workdir, "config.json"), cfg.to_json(indent=2)))
   except (OSError, workdir_lib.WorkdirError) as e:
     error = e
-  _agree(error is None, "write the run's files")
+  stopping.agree(error is None, "write the run's files")
   if error is not None:
     raise error
   return writer
@@ -390,7 +350,7 @@ def _final_eval(cfg, workdir, loop: Loop, state, start: int) -> dict:
   try:
     writer.write(step, "final", {k: v for k, v in result.items() if k != "step"})
     if lead:
-      writer._guard(lambda: workdir_lib.write_json(
+      writer.guarded(lambda: workdir_lib.write_json(
           workdir_lib.join(workdir, "final_eval.json"), result))
       writer.flush()
   except workdir_lib.LockLost as e:

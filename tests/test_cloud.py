@@ -56,6 +56,7 @@ def scalar_steps(paths) -> dict:
 # gs:// workdirs.
 
 
+@pytest.mark.slow
 def test_a_gs_workdir_trains_resumes_and_writes_nothing_locally(data_dir, tmp_path, monkeypatch):
   bucket = tmp_path / "gcs"
   fake_gcs.install(str(bucket))
@@ -93,6 +94,7 @@ def test_a_gs_workdir_trains_resumes_and_writes_nothing_locally(data_dir, tmp_pa
   assert tags["train/loss"] == [5, 10, 15] and tags["final/knn_top1"] == [15]
 
 
+@pytest.mark.slow
 def test_an_unreachable_workdir_fails_in_seconds_with_one_line(tmp_path):
   code = ("import sys; from tests import fake_gcs; fake_gcs.install(sys.argv[1], hang=True); "
           "from contrastive_jax import main; sys.argv = sys.argv[:1] + sys.argv[2:]; main.cli()")
@@ -136,6 +138,7 @@ def test_gs_without_a_gcs_filesystem_names_the_package(monkeypatch):
 # TensorBoard and logs.
 
 
+@pytest.mark.slow
 def test_tensorboard_events_are_written_and_read_back(data_dir, tmp_path):
   work = str(tmp_path / "w")
   cfg = small_config(data_dir, num_steps=10, log_every=5, eval_every=5, eval_at_init=True,

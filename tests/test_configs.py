@@ -23,6 +23,7 @@ def test_config_names_a_task_and_takes_the_common_overrides(name):
   assert (cfg.num_steps, cfg.warmup_steps, cfg.batch_size) == (7, 3, 16)
 
 
+@pytest.mark.slow
 def test_cli_overrides_reach_the_trainer(tmp_path):
   """--config.num_steps / warmup_steps / batch_size on the command line, for every config,
   parsed by the trainer's own flags."""

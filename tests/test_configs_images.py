@@ -19,6 +19,7 @@ from contrastive_jax import step as step_lib
 from contrastive_jax import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
 # Keep the recipes; shrink only what a 2-core CPU cannot afford.
 SMALL = dict(batch_size=16, num_steps=2, warmup_steps=1, log_every=1, checkpoint_every=2,
              eval_limit=32, eval_batch_size=16, knn_k=5, data_workers=0, data_threads=1,

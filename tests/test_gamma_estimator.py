@@ -4,6 +4,7 @@ unbiased with a perfect prior; SogCLR's order (update_first=True) is not.
 Exact expectations over all C(16, 4) minibatches of a 16-pair pool
 (experiments/estimator_bias.py runs the 32-pair pool of docs/results.md)."""
 
+import pytest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +13,7 @@ from contrastive_jax import losses as L
 from experiments import estimator_bias as E
 
 
+@pytest.mark.slow
 def test_default_order_is_exactly_unbiased_and_update_first_is_not():
   result = E.exact_biases(n=16, b=4, rates=(0.1, 0.5))
   assert result["infonce"] > 0.02, result  # the bias the loss exists to remove

@@ -76,6 +76,7 @@ class Runner:
     return logs
 
 
+@pytest.mark.slow
 def test_forward_shapes_and_padding_is_ignored():
   r = Runner(small(weights=dict(sep=1.0)))
   model, params = r.task.model, r.init_params
@@ -122,6 +123,7 @@ def test_caption_pairs_are_two_different_captions_of_one_image():
     ("gamma_clip", dict(gc=0.05), 0.5), ("gamma", {}, 5.0),
     ("sigmoid", {}, 0.5)])  # pairwise sigmoid: a different objective, slower on InfoNCE
 # (plain clip, nt_xent and sogclr run the same code paths as these and as test_train.py's.)
+@pytest.mark.slow
 def test_a_few_steps_lower_the_loss(loss, weights, drop):
   r = Runner(small(loss=loss, weights=weights), jax.devices()[:1])
   logs = r.run(100)
@@ -147,6 +149,7 @@ def test_bad_names_are_clear_errors():
     Runner(small(task="three_tower"))
 
 
+@pytest.mark.slow
 def test_fusion_forward_shapes():
   r = Runner(small(captions_albef, weights=dict(sep=1.0)))
   model, params, batch = r.task.model, r.init_params, r.ds[0]
@@ -197,6 +200,7 @@ def test_momentum_encoder_update():
     np.testing.assert_allclose(n, 0.9 * e + 0.1 * p, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_fusion_a_few_steps_lower_its_losses_with_distillation():
   cfg = small(captions_albef, weights=dict(br=0.5))
   cfg.fusion.momentum = 0.9
@@ -254,6 +258,7 @@ def _step_on(cfg, devices, steps=2):
   return logs[-1], jax.device_get(r.state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", [captions_clip, captions_albef])
 def test_step_same_on_one_and_eight_devices(module, data_dir):
   cfg = small(module, data_dir=data_dir, weights=dict(br=0.5, sep=0.1, gc=0.05))
@@ -273,6 +278,7 @@ def test_step_same_on_one_and_eight_devices(module, data_dir):
       np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5, err_msg=f"{part} {name}")
 
 
+@pytest.mark.slow
 def test_gamma_step_moves_no_embedding_between_devices(data_dir):
   """Compiled on 8 devices, the two-tower step with the gamma ITC moves only the
   (index, log-denominator) pairs and the gradient all-reduce; with clip it gathers
@@ -296,6 +302,7 @@ def test_gamma_step_moves_no_embedding_between_devices(data_dir):
   assert gathered("clip") >= 4 * b * d, moved["clip"]
 
 
+@pytest.mark.slow
 def test_trainer_image_text_resumes_exactly(data_dir, tmp_path):
   cfg = small(data_dir=data_dir, num_steps=6, weights=dict(br=0.5, sep=0.1),
               final_evaluators="zero_shot")

@@ -92,6 +92,7 @@ def test_constraints_pin_every_declared_distribution_exactly():
     assert installed.get(name) == pins[name], (name, installed.get(name), pins[name])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("python3") is None, reason="no python3 to make a venv")
 @pytest.mark.slow
 def test_a_plain_install_runs_a_loss_on_jax_alone(tmp_path):

@@ -55,6 +55,7 @@ def _relative_bias(grads, target):
   return float(jnp.linalg.norm(mean - target) / norm), float(noise / norm)
 
 
+@pytest.mark.slow
 def test_gamma_gradient_is_unbiased_and_minibatch_infonce_is_not():
   p1, p2 = _pool()
   # Full-pool objective mean_k [-s_k+ + log Z_k] = DCL on the whole pool + const.
@@ -76,6 +77,7 @@ def test_gamma_gradient_is_unbiased_and_minibatch_infonce_is_not():
       infonce_bias, infonce_noise, gamma_bias)
 
 
+@pytest.mark.slow
 def test_gamma_shape_to_infinity_gives_sogclr_gradient():
   """With update_first=True (SogCLR's order), shape = inf is SogCLR's gradient."""
   k = jax.random.split(jax.random.key(3), 3)
@@ -131,6 +133,7 @@ def test_bfloat16_inputs_are_finite_and_close_to_float32():
     np.testing.assert_allclose(bf16[name], f32[name], rtol=3e-2, atol=3e-2, err_msg=name)
 
 
+@pytest.mark.slow
 def test_zero_vectors_give_finite_values_and_gradients():
   xs = [jax.random.normal(k, (8, 4)) for k in jax.random.split(jax.random.key(5), 4)]
   xs = [x.at[0].set(0.0) for x in xs]
@@ -160,6 +163,7 @@ def test_nt_xent_matches_optax():
 # ---------------------------------------------------------------------------
 # API: jit, vmap, learnable temperature, errors.
 
+@pytest.mark.slow
 def test_vmap_over_batches_equals_loop():
   xs = [jax.random.normal(k, (3, 8, 4)) for k in jax.random.split(jax.random.key(6), 4)]
   batched = jax.jit(jax.vmap(_all_losses))(*xs)

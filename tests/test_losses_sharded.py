@@ -71,6 +71,7 @@ def test_one_vs_eight_devices(name, mesh):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(b))) + 1e-9)
 
 
+@pytest.mark.slow
 def test_sogclr_one_vs_eight_devices(mesh):
   z1, z2 = inputs(2, seed=3)
   n = 100
@@ -113,6 +114,7 @@ def gamma_sharded(mesh, estimator):
   return jax.grad(lambda a, b, i, k: f(a, b, i, k)[0], (0, 1))
 
 
+@pytest.mark.slow
 def test_gamma_moves_no_embeddings(mesh):
   z1, z2 = inputs(2, seed=0)
   index, key = jnp.arange(B), jax.random.key(0)
@@ -134,6 +136,7 @@ def test_gamma_moves_no_embeddings(mesh):
   assert any(op == "all-gather" and elements(s) >= B * D for op, s in ops), ops
 
 
+@pytest.mark.slow
 def test_gamma_sharded_uses_local_negatives(mesh):
   """On 8 devices, with eps = 1 and a known state, the loss is the mean of per-device losses."""
   z1, z2 = inputs(2, seed=5)

@@ -49,6 +49,7 @@ LOSSES = {  # name -> (number of inputs, chunk -> loss(*xs))
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_streamed_equals_direct(name):
   n, make = LOSSES[name]

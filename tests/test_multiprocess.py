@@ -19,6 +19,7 @@ from contrastive_jax import checkpointing
 from contrastive_jax.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
 STEPS, STOP = 6, 3
 
 

@@ -151,6 +151,7 @@ def _break(workdir, how):
     json.dump(meta, open(path, "w"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["flipped_bytes", "truncated_file", "missing_item",
                                  "empty_newest_dir", "changed_fingerprint"])
 def test_a_broken_newest_checkpoint_falls_back_to_a_good_one(how, trained, tmp_path, capfd):
@@ -213,6 +214,7 @@ def test_fingerprints_do_not_depend_on_the_mesh(trained):
 # Config compared before anything is written.
 
 
+@pytest.mark.slow
 def test_an_incompatible_resume_is_refused_and_touches_nothing(trained, tmp_path):
   cfg, stopped, _ = trained
   work = str(tmp_path / "w")
@@ -363,6 +365,7 @@ def _wait_for_steps(workdir, n, proc, timeout=120):
   raise AssertionError(f"no {n} records in {path}: {proc.poll()}")
 
 
+@pytest.mark.slow
 def test_kill_9_during_async_saves_resumes_bitwise(data_dir, tmp_path):
   """Checkpoints every step (an async save is nearly always in flight), SIGKILL at
   a moment drawn from a fixed seed, restart: the final state equals an
@@ -419,6 +422,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_when_a_process_dies_the_other_exits_with_one_line(data_dir, tmp_path):
   port, work = _free_port(), str(tmp_path / "w")
   procs = [subprocess.Popen(

@@ -31,11 +31,9 @@ def data_dir(tmp_path_factory):
 
 
 def small_config(data_dir, **overrides):
-  cfg = mnist_gamma.get_config()
-  cfg.update(dict(dataset="sklearn_digits", data_dir=data_dir, batch_size=64, num_steps=20,
-                  log_every=5, checkpoint_every=10, eval_at_init=False,
-                  final_evaluators="knn,rank", progress=False, eval_limit=300, warmup_steps=2,
-                  head_hidden=64, proj_dim=32))
+  """The default config's smoke variant (sklearn digits, a small MLP, 20 steps)."""
+  cfg = mnist_gamma.get_config("smoke")
+  cfg.update(dict(data_dir=data_dir, final_evaluators="knn,rank"))
   cfg.update(overrides)
   return cfg
 
@@ -55,6 +53,7 @@ def setup_step(cfg, devices):
   return step, state, batch, task.model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["nt_xent", "dcl", "clip", "sigmoid", "sogclr", "gamma"])
 def test_a_few_steps_lower_the_loss(loss, data_dir):
   cfg = small_config(data_dir, loss=loss, learning_rate=3e-3, num_steps=40)
@@ -77,6 +76,7 @@ def test_a_few_steps_lower_the_loss(loss, data_dir):
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["nt_xent", "sogclr"])
 def test_one_vs_eight_devices_same_step(loss, data_dir):
   cfg = small_config(data_dir, loss=loss)
@@ -92,6 +92,7 @@ def test_one_vs_eight_devices_same_step(loss, data_dir):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_train_step_communication(data_dir):
   """Compiled step on 8 devices: data parallel (one gradient all-reduce, inputs never
   gathered); gamma gathers only (index, log-denominator) pairs, nt_xent gathers keys."""
@@ -111,6 +112,7 @@ def test_train_step_communication(data_dir):
   assert gathered("nt_xent") >= 4 * 2 * b * p  # both views' keys
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [2, 8])
 def test_fsdp_shards_parameters_and_matches_data_parallel(fsdp, data_dir):
   cfg = small_config(data_dir, loss="gamma", head_hidden=128)
@@ -133,6 +135,7 @@ def test_fsdp_shards_parameters_and_matches_data_parallel(fsdp, data_dir):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_parameters(data_dir, tmp_path):
   cfg = small_config(data_dir, num_steps=16, checkpoint_every=100)
   train.train_and_evaluate(cfg, str(tmp_path / "full"))
@@ -152,6 +155,7 @@ def test_resume_gives_the_same_parameters(data_dir, tmp_path):
   assert result["step"] == 16 and 0.0 < result["knn_top1"] <= 1.0
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_next_start_resumes(data_dir, tmp_path):
   workdir = tmp_path / "run"
   cmd = [sys.executable, "-m", "contrastive_jax.train",
@@ -186,6 +190,7 @@ def test_sigterm_checkpoints_and_next_start_resumes(data_dir, tmp_path):
   assert f"resumed from {workdir} at step {steps[-1]}" in out
 
 
+@pytest.mark.slow
 def test_bad_input_is_a_clear_error_and_loses_nothing(data_dir, tmp_path):
   with pytest.raises(ValueError, match="unknown loss 'infonce2'.*--config.loss"):
     train.train_and_evaluate(small_config(data_dir, loss="infonce2"), str(tmp_path / "a"))
