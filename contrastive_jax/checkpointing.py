@@ -144,7 +144,7 @@ def save(mngr: ocp.CheckpointManager, state: dict, data_state: dict, keep: int,
   return True
 
 
-def restore(mngr: ocp.CheckpointManager, abstract_state, step: Optional[int] = None,
+def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: Optional[int] = None,
             neg_inf_ok: Sequence[str] = ()) -> dict:
   """{"state": ..., "data": ...} of `step` (default latest) onto the shardings that
   `abstract_state` (a tree of jax.ShapeDtypeStruct) carries: a checkpoint written by
@@ -238,7 +238,7 @@ def _read(mngr: ocp.CheckpointManager, step: int, only: Optional[tuple[str, ...]
   return state
 
 
-def restore_newest_good(workdir: workdir_lib.PathLike, mngr: ocp.CheckpointManager, abstract_state,
+def restore_newest_good(workdir: workdir_lib.PathLike, mngr: ocp.CheckpointManager, abstract_state: Any,
                         keep: int, neg_inf_ok: Sequence[str] = ()) -> tuple[Optional[dict], ocp.CheckpointManager]:
   """Restores the newest step that passes `restore`'s checks. Each newer step that
   fails gives a warning and, once an older one restores, is moved to

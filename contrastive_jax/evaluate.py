@@ -10,6 +10,7 @@ import functools
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import jax
+from jax.typing import ArrayLike
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -29,7 +30,7 @@ def in_batches(fn: Callable, *arrays: np.ndarray, batch_size: int = 500) -> Any:
   return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *outs)
 
 
-def embed_batches(apply_fn: Callable, params, batches: Iterable[dict],
+def embed_batches(apply_fn: Callable, params: Any, batches: Iterable[dict],
                   devices: Optional[Sequence[jax.Device]] = None) -> tuple[np.ndarray, np.ndarray]:
   """Features of a stream of batches, computed on this host's devices.
 
@@ -62,7 +63,7 @@ def embed_batches(apply_fn: Callable, params, batches: Iterable[dict],
   return np.concatenate(features), np.concatenate(labels)
 
 
-def knn_accuracy(train_x, train_y, test_x, test_y, *, num_classes: int, k: int = 20,
+def knn_accuracy(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test_y: ArrayLike, *, num_classes: int, k: int = 20,
                  temperature: float = 0.07, chunk: int = 1024) -> float:
   """Top-1 of temperature-weighted cosine kNN (Wu et al., 2018), as used for SimCLR-style probes.
 
@@ -112,7 +113,7 @@ def _lbfgs_logistic(x, y, weight_decay, *, num_classes: int, steps: int):
   return params
 
 
-def fit_logistic(x, y, *, num_classes: int, weight_decay: float, steps: int = 300) -> dict:
+def fit_logistic(x: ArrayLike, y: ArrayLike, *, num_classes: int, weight_decay: float, steps: int = 300) -> dict:
   """Multinomial logistic regression, L2 penalty weight_decay/2 ||W||^2, full-batch L-BFGS.
 
   x [N, F], y [N] -> {"w": [F, C], "b": [C]}.
@@ -126,7 +127,7 @@ def _accuracy(params: dict, x, y) -> float:
   return float(np.mean(np.argmax(np.asarray(x @ params["w"] + params["b"]), -1) == np.asarray(y)))
 
 
-def linear_probe(train_x, train_y, test_x, test_y, *, num_classes: int,
+def linear_probe(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test_y: ArrayLike, *, num_classes: int,
                  weight_decays: Sequence[float] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
                  val_fraction: float = 0.2, seed: int = 0) -> dict:
   """Top-1 of a logistic-regression probe on standardised frozen features.
@@ -149,8 +150,8 @@ def linear_probe(train_x, train_y, test_x, test_y, *, num_classes: int,
           "val_top1": scores[best]}
 
 
-def retrieval_recall(img, txt, txt_to_img: Optional[np.ndarray] = None,
-                     ks=(1, 5, 10)) -> dict:
+def retrieval_recall(img: ArrayLike, txt: ArrayLike, txt_to_img: Optional[np.ndarray] = None,
+                     ks: Sequence[int]=(1, 5, 10)) -> dict:
   """Image->text and text->image Recall@k by cosine similarity.
 
   img [N, D], txt [M, D]; txt_to_img [M] gives each caption's image (default:
@@ -171,7 +172,7 @@ def retrieval_recall(img, txt, txt_to_img: Optional[np.ndarray] = None,
   return out
 
 
-def zero_shot(img, class_txt, labels, ks=(1, 3, 5)) -> dict:
+def zero_shot(img: ArrayLike, class_txt: ArrayLike, labels: ArrayLike, ks: Sequence[int]=(1, 3, 5)) -> dict:
   """Top-k accuracy classifying img [N, D] by cosine to class text embeddings [C, D]
   (or [C, P, D] for P prompt templates, averaged after normalisation)."""
   class_txt = jnp.asarray(class_txt)

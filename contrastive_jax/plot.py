@@ -86,7 +86,7 @@ def plot_modalities(img: np.ndarray, txt: np.ndarray, path: str,
   return path
 
 
-def main(argv=None):
+def main(argv: Optional[list[str]]=None) -> None:
   parser = argparse.ArgumentParser(description="Plot a workdir's training curves.")
   parser.add_argument("--workdir", required=True, help="local path or gs://bucket/run")
   args = parser.parse_args(argv)

@@ -10,7 +10,7 @@ import os
 import sys
 import threading
 import time
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import ml_collections
@@ -160,7 +160,7 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def host_params(params, mesh: jax.sharding.Mesh):
+def host_params(params: Any, mesh: jax.sharding.Mesh) -> Any:
   """Full parameters as NumPy on this host (gathered first if FSDP-sharded)."""
   params = jax.jit(lambda p: p, out_shardings=NamedSharding(mesh, P()))(params)
   return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), params)

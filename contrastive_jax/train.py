@@ -201,13 +201,13 @@ class Loop:
     except OSError as e:
       self.stop.request(stopping.FAIL, str(e))
 
-  def evaluate(self, state, names: str) -> dict:
+  def evaluate(self, state: dict, names: str) -> dict:
     if not names.strip():
       return {}
     return self.task.evaluate(sharding.host_params(state["params"], self.mesh),
                               self.eval_data(), names)
 
-  def save(self, state) -> None:
+  def save(self, state: dict) -> None:
     """A checkpoint of state, if every process agrees that the run still owns the workdir."""
     self.skipped = step_lib.check_finite(self.tally, self.skip)
     if self.lead and not self.lock.check():
@@ -231,7 +231,7 @@ class Loop:
       self.stop.request(stopping.FAIL, f"cannot write the run's files in {self.workdir}: "
                         f"{workdir_lib.describe_error(e)}")
 
-  def run(self, state, start: int, stop_at: Optional[int]) -> tuple[dict, int]:
+  def run(self, state: dict, start: int, stop_at: Optional[int]) -> tuple[dict, int]:
     """Steps from `start` until num_steps, stop_at or an agreed stop -> (state, code)."""
     cfg = self.cfg
     if start == 0 and cfg.eval_at_init:

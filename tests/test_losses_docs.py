@@ -23,3 +23,8 @@ def test_docstring_example_runs(name):
     runner.run(t)
   result = runner.summarize(verbose=False)
   assert result.attempted > 0 and result.failed == 0, f"{name}: {result}"
+
+
+@pytest.mark.parametrize("name", LOSSES + ["decomposable_loss"])
+def test_docstring_names_its_paper(name):
+  assert "References:" in (getattr(L, name).__doc__ or ""), f"{name} has no References: section"

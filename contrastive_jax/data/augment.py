@@ -15,7 +15,7 @@ dataset index, view): the same on any mesh, and after a resume.
 import dataclasses
 import io
 import math
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import dm_pix as pix
 import jax
@@ -76,7 +76,7 @@ def open_image(image: Union[np.ndarray, bytes, Image.Image]) -> Image.Image:
   return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
 
 
-def decode_for_crops(image, channels: int, boxes: Sequence[tuple],
+def decode_for_crops(image: Any, channels: int, boxes: Sequence[tuple],
                      size: int) -> tuple[Image.Image, list]:
   """Decodes image for crops `boxes` (in its full-size pixels) that will be resized to
   size x size. A JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps
@@ -98,7 +98,7 @@ def decode_for_crops(image, channels: int, boxes: Sequence[tuple],
   return (im if im.mode == mode else im.convert(mode)), list(boxes)
 
 
-def decode(image, channels: int) -> Image.Image:
+def decode(image: Any, channels: int) -> Image.Image:
   """The whole image decoded, in mode L (channels 1) or RGB."""
   return decode_for_crops(image, channels, [], 0)[0]
 

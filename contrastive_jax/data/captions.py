@@ -151,7 +151,7 @@ def caption(template: str, attrs: dict) -> str:
   return template.format(**values)
 
 
-def generate(images: np.ndarray, labels: np.ndarray, seed: int, tokenizer: Tokenizer):
+def generate(images: np.ndarray, labels: np.ndarray, seed: int, tokenizer: Tokenizer) -> list[dict]:
   """Yields (image uint8 [32, 32, 3], tokens int32 [CAPTIONS_PER_IMAGE, L], attributes)."""
   rng = np.random.default_rng(seed)
   derived = image_attributes(images)

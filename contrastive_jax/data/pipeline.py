@@ -14,7 +14,7 @@ import fcntl
 import os
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from absl import flags
 import grain
@@ -40,7 +40,7 @@ def _file_lock(path: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def get_source(name: str, split: str, data_dir: Optional[str] = None):
+def get_source(name: str, split: str, data_dir: Optional[str] = None) -> Any:
   """Random-access source of records {"image": uint8 [H, W, C] or encoded bytes, "label"}.
 
   Built-in names (`BUILDERS`) are prepared on first use into `data_dir` under a
@@ -134,7 +134,7 @@ class InMemory:
     return {k: v[int(index)] for k, v in self.fields.items()}
 
 
-def metadata(source) -> dict:
+def metadata(source: Any) -> dict:
   """What a prepared dataset stores beside its records (e.g. a captioned set's tokenizer)."""
   found = getattr(source, "metadata", None)
   if found is None:
@@ -142,7 +142,7 @@ def metadata(source) -> dict:
   return dict(found or {})
 
 
-def tokenizer(source) -> "captions.Tokenizer":
+def tokenizer(source: Any) -> "captions.Tokenizer":
   """The tokenizer saved with a captioned dataset, from its source."""
   saved = metadata(source).get("tokenizer")
   if saved is None:
@@ -150,7 +150,7 @@ def tokenizer(source) -> "captions.Tokenizer":
   return captions.Tokenizer.from_json(saved)
 
 
-def split_names(source) -> Optional[list[str]]:
+def split_names(source: Any) -> Optional[list[str]]:
   """The splits of the dataset a source was read from (None if it does not say)."""
   names = getattr(source, "split_names", None)
   if names is not None:
@@ -161,24 +161,24 @@ def split_names(source) -> Optional[list[str]]:
     return None
 
 
-def uint8_image(image) -> np.ndarray:
+def uint8_image(image: Any) -> np.ndarray:
   """A decoded image as uint8 [H, W, C] (a channel axis added to [H, W])."""
   image = np.asarray(image, np.uint8)
   return image[..., None] if image.ndim == 2 else image
 
 
-def to_float(image) -> np.ndarray:
+def to_float(image: Any) -> np.ndarray:
   """uint8 image(s) -> float32 in [0, 1], on the host (the step's is `augment.to_float`)."""
   return uint8_image(image).astype(np.float32) / 255.0
 
 
-def channels_of(source) -> int:
+def channels_of(source: Any) -> int:
   """1 (grayscale) or 3 (RGB): the channels of a source's first image."""
   mode = aug_lib.open_image(source[0]["image"]).mode
   return 1 if mode in ("1", "L", "I", "I;16", "F") else 3
 
 
-def image_shape(source) -> tuple[int, int, int]:
+def image_shape(source: Any) -> tuple[int, int, int]:
   """(H, W, C) of a source's first image (decoded if it is encoded)."""
   return uint8_image(np.asarray(aug_lib.decode(source[0]["image"], channels_of(source)))).shape
 
@@ -196,7 +196,7 @@ class TwoViews(grain.transforms.RandomMap):
   size: Optional[int]  # None: the image's own (height, width)
   channels: int
 
-  def random_map(self, index, rng: np.random.Generator):
+  def random_map(self, index: int, rng: np.random.Generator) -> dict:
     record = self.source[int(index)]
     im = aug_lib.open_image(record["image"])
     w, h = im.size
@@ -217,7 +217,7 @@ class EvalImage(grain.transforms.Map):
   channels: int
   crop_fraction: float = 1.0
 
-  def map(self, record):
+  def map(self, record: dict) -> dict:
     if not self.size:
       image = np.asarray(aug_lib.decode(record["image"], self.channels), np.uint8)
       return {"image": uint8_image(image), "label": np.int32(record["label"])}
@@ -256,7 +256,7 @@ def _exit_with_parent(worker_index: int, worker_count: int) -> None:
   threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
-def eval_batches(source, transform: grain.transforms.Map, batch_size: int,
+def eval_batches(source: Any, transform: grain.transforms.Map, batch_size: int,
                  limit: Optional[int] = None, threads: int = 2) -> grain.IterDataset:
   """The first `limit` (default all) records of source, transformed, in batches of
   batch_size (the last one shorter), read ahead by `threads`: evaluation streams
@@ -272,7 +272,7 @@ class CaptionPair(grain.transforms.RandomMap):
   captions of it, int32 [L], "label", "index"} (the image is augmented on device)."""
   source: object
 
-  def random_map(self, index, rng: np.random.Generator):
+  def random_map(self, index: int, rng: np.random.Generator) -> dict:
     record = self.source[int(index)]
     caps = record["captions"]
     c1 = rng.integers(len(caps))
@@ -292,7 +292,7 @@ class VectorPair(grain.transforms.RandomMap):
   std: np.ndarray
   noise_std: float = 0.1
 
-  def random_map(self, index, rng: np.random.Generator):
+  def random_map(self, index: int, rng: np.random.Generator) -> dict:
     record = self.source[int(index)]
     v = (view_vector(record, self.views) - self.mean) / self.std
     noisy = v + self.noise_std * rng.standard_normal(v.shape)
@@ -301,18 +301,18 @@ class VectorPair(grain.transforms.RandomMap):
             "index": np.int32(index)}
 
 
-def view_vector(record: dict, views) -> np.ndarray:
+def view_vector(record: dict, views: Sequence[str]) -> np.ndarray:
   """The concatenated float views of one multi-view record -> [d]."""
   return np.concatenate([np.asarray(record[v], np.float64).ravel() for v in views])
 
 
-def view_statistics(source, views) -> tuple[np.ndarray, np.ndarray]:
+def view_statistics(source: Any, views: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
   """(mean, std + 1e-6) of the concatenated views over a (train) source."""
   x = np.stack([view_vector(source[i], views) for i in range(len(source))])
   return x.mean(0), x.std(0) + 1e-6
 
 
-def load_records(source, limit: Optional[int] = None) -> dict:
+def load_records(source: Any, limit: Optional[int] = None) -> dict:
   """The first `limit` (default all) records as arrays {field: [N, ...]}; the image
   as float32 [N, H, W, C] in [0, 1]."""
   n = len(source) if limit is None else min(limit, len(source))
@@ -322,7 +322,7 @@ def load_records(source, limit: Optional[int] = None) -> dict:
   return out
 
 
-def train_dataset(source, *, batch_size: int, seed: int,
+def train_dataset(source: Any, *, batch_size: int, seed: int,
                   transform: Optional[grain.transforms.RandomMap] = None,
                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
   """Infinite, shuffled (reshuffled every epoch), augmented batches of this process.

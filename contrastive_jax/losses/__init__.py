@@ -7,6 +7,7 @@ maps names to losses for trainers.
 """
 
 from contrastive_jax.losses import registry
+from contrastive_jax.losses.common import OptionError, Scalar
 from contrastive_jax.losses.gamma import (
     decomposable_loss, gamma_clip_loss, gamma_loss, init_gamma_state)
 from contrastive_jax.losses.infonce import (
@@ -21,5 +22,6 @@ __all__ = [
     "brownian_bridge_loss", "clip_loss", "dcl_loss", "decomposable_loss", "feature_separation_loss",
     "gamma_clip_loss", "gamma_loss", "geometric_consistency_loss", "infonce",
     "init_gamma_state", "init_sogclr_state", "modality_contrastive_loss",
-    "momentum_distillation_loss", "nt_xent", "registry", "sigmoid_loss", "sogclr_loss",
+    "momentum_distillation_loss", "nt_xent", "OptionError", "registry", "Scalar", "sigmoid_loss",
+    "sogclr_loss",
 ]

@@ -48,6 +48,9 @@ def check_embeddings(names: Sequence[str], *arrays: jax.Array, min_batch: int = 
         f"{min_batch} examples (shape {tuple(ref.shape)})")
 
 
+Scalar = streamed.Scalar
+
+
 class OptionError(ValueError):
   """A bad value of a loss's option; `option` names it (so a trainer can name its own
   config field without reading the message)."""
@@ -57,7 +60,7 @@ class OptionError(ValueError):
     self.option = option
 
 
-def check_positive(name: str, value) -> None:
+def check_positive(name: str, value: Scalar) -> None:
   """Raises OptionError if `value` is a concrete number <= 0 (traced values pass)."""
   try:
     v = float(value)
@@ -67,7 +70,7 @@ def check_positive(name: str, value) -> None:
     raise OptionError(name, f"{name} must be > 0, got {v}")
 
 
-def check_rate(name: str, value, allow_zero: bool = True) -> None:
+def check_rate(name: str, value: Scalar, allow_zero: bool = True) -> None:
   """Raises OptionError unless a concrete `value` is in [0, 1] ((0, 1] without allow_zero)."""
   try:
     v = float(value)
@@ -123,7 +126,7 @@ def index_checks(index: jax.Array, num_examples: int) -> None:
 # Similarities.
 
 
-def similarity(a: jax.Array, b: jax.Array, temperature) -> jax.Array:
+def similarity(a: jax.Array, b: jax.Array, temperature: Scalar) -> jax.Array:
   """Cosine similarities / temperature: a [M, D], b [K, D] -> float32 [M, K].
 
   Inputs are normalised here; the matmul runs in the input dtype (bfloat16 on
@@ -164,7 +167,7 @@ def global_logsumexp(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
   return m + jnp.log(jax.lax.psum(jnp.exp(x - m), axis_name))
 
 
-def inverse_temperature(temperature) -> jax.Array:
+def inverse_temperature(temperature: Scalar) -> jax.Array:
   return 1.0 / jnp.asarray(temperature, jnp.float32)
 
 
@@ -173,8 +176,8 @@ def positive_scores(a: jax.Array, b: jax.Array, inv_t: jax.Array) -> jax.Array:
   return inv_t * jnp.sum(a.astype(jnp.float32) * b.astype(jnp.float32), axis=1)
 
 
-def two_view_lse(z1: jax.Array, z2: jax.Array, temperature, axis_name: Optional[str],
-                 exclude_positive: bool, chunk_size: Optional[int], ring: bool = False):
+def two_view_lse(z1: jax.Array, z2: jax.Array, temperature: Scalar, axis_name: Optional[str],
+                 exclude_positive: bool, chunk_size: Optional[int], ring: bool = False) -> jax.Array:
   """SimCLR layout: every local view of z1 and z2 against all 2B views, streamed.
 
   Args:
@@ -224,14 +227,14 @@ def check_ring(axis_name: Optional[str]) -> None:
 # Running estimates for stateful losses, kept in log space.
 
 
-def ema_log(old: jax.Array, new: jax.Array, rate) -> jax.Array:
+def ema_log(old: jax.Array, new: jax.Array, rate: Scalar) -> jax.Array:
   """log((1 - rate) * exp(old) + rate * exp(new)); -inf in `old` means unset: take new."""
   rate = jnp.asarray(rate, jnp.float32)
   mixed = jnp.logaddexp(jnp.log1p(-rate) + old, jnp.log(rate) + new)
   return jnp.where(jnp.isneginf(old), new, mixed)
 
 
-def update_table(table: jax.Array, index: jax.Array, values: jax.Array, rate,
+def update_table(table: jax.Array, index: jax.Array, values: jax.Array, rate: Scalar,
                  axis_name: Optional[str]) -> tuple[jax.Array, jax.Array]:
   """EMA-updates rows `index` of a per-example log table and reads them back.
 
@@ -269,7 +272,7 @@ def batch_log_mean(values: jax.Array, axis_name: Optional[str]) -> jax.Array:
   return log_sum - jnp.log(global_sum(jnp.float32(values.shape[1]), axis_name))
 
 
-def update_scalar(log_z: jax.Array, values: jax.Array, rate,
+def update_scalar(log_z: jax.Array, values: jax.Array, rate: Scalar,
                   axis_name: Optional[str]) -> jax.Array:
   """EMA-updates global log-means log_z [R] with the batch log-mean of values [R, b]."""
   new = batch_log_mean(values, axis_name).astype(log_z.dtype)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from contrastive_jax.losses import common
+from contrastive_jax.losses.common import Scalar
 from contrastive_jax.losses import streamed
 from contrastive_jax.metrics import l2_normalize
 
@@ -82,7 +83,7 @@ def _log_eps(key: jax.Array, shape: float, n: int) -> jax.Array:
 
 def decomposable_loss(log_zb: jax.Array, pos: jax.Array, state: dict,
                       index: Optional[jax.Array], key: jax.Array, *, shape: float = 1.0,
-                      rate_decay=0.01, max_ratio: float = 100.0,
+                      rate_decay: Scalar=0.01, max_ratio: float = 100.0,
                       estimator: str = "per_example", update_first: bool = False,
                       axis_name: Optional[str] = None) -> tuple[jax.Array, dict]:
   """The stochastic-EM step of the gamma loss on precomputed per-anchor terms.
@@ -107,6 +108,11 @@ def decomposable_loss(log_zb: jax.Array, pos: jax.Array, state: dict,
     shape, rate_decay, max_ratio, estimator, update_first, axis_name: as `gamma_loss`.
   Returns:
     (float32 scalar loss, new state).
+
+  References:
+    C. Chen, J. Zhang, Y. Xu, L. Chen, J. Duan, Y. Chen, S. Tran, B. Zeng, T. Chilimbi,
+      "Why do We Need Large Batchsizes in Contrastive Learning? A Gradient-Bias
+      Perspective", NeurIPS 2022.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -146,7 +152,7 @@ def decomposable_loss(log_zb: jax.Array, pos: jax.Array, state: dict,
 
 
 def gamma_loss(z1: jax.Array, z2: jax.Array, state: dict, index: Optional[jax.Array],
-               key: jax.Array, *, temperature, shape: float = 1.0, rate_decay=0.01,
+               key: jax.Array, *, temperature: Scalar, shape: float = 1.0, rate_decay: Scalar=0.01,
                max_ratio: float = 100.0, estimator: str = "per_example",
                include_positive: bool = False, update_first: bool = False,
                chunk_size: Optional[int] = None,
@@ -191,6 +197,11 @@ def gamma_loss(z1: jax.Array, z2: jax.Array, state: dict, index: Optional[jax.Ar
   Returns:
     (float32 scalar loss, new state).
 
+  References:
+    C. Chen, J. Zhang, Y. Xu, L. Chen, J. Duan, Y. Chen, S. Tran, B. Zeng, T. Chilimbi,
+      "Why do We Need Large Batchsizes in Contrastive Learning? A Gradient-Bias
+      Perspective", NeurIPS 2022.
+
   Examples:
     >>> import jax, jax.numpy as jnp
     >>> from contrastive_jax import losses
@@ -213,7 +224,7 @@ def gamma_loss(z1: jax.Array, z2: jax.Array, state: dict, index: Optional[jax.Ar
 
 
 def gamma_clip_loss(img: jax.Array, txt: jax.Array, state: dict, index: Optional[jax.Array],
-                    key: jax.Array, *, temperature, shape: float = 1.0, rate_decay=0.01,
+                    key: jax.Array, *, temperature: Scalar, shape: float = 1.0, rate_decay: Scalar=0.01,
                     max_ratio: float = 100.0, estimator: str = "per_example",
                     include_positive: bool = False, update_first: bool = False,
                     chunk_size: Optional[int] = None,
@@ -230,6 +241,11 @@ def gamma_clip_loss(img: jax.Array, txt: jax.Array, state: dict, index: Optional
     img, txt: [b, D] raw embeddings of paired examples. Others as `gamma_loss`.
   Returns:
     (float32 scalar loss, new state).
+
+  References:
+    C. Chen, J. Zhang, Y. Xu, L. Chen, J. Duan, Y. Chen, S. Tran, B. Zeng, T. Chilimbi,
+      "Why do We Need Large Batchsizes in Contrastive Learning? A Gradient-Bias
+      Perspective", NeurIPS 2022.
 
   Examples:
     >>> import jax, jax.numpy as jnp

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from contrastive_jax.losses import common
+from contrastive_jax.losses.common import Scalar
 from contrastive_jax.losses import streamed
 from contrastive_jax.metrics import l2_normalize
 
@@ -34,6 +35,10 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature: float,
   Returns:
     float32 scalar: the mean over the global batch (already averaged over devices).
 
+  References:
+    T. Chen, S. Kornblith, M. Norouzi, G. Hinton, "A Simple Framework for Contrastive
+      Learning of Visual Representations" (SimCLR), ICML 2020.
+
   Examples:
     >>> import jax, jax.numpy as jnp
     >>> from contrastive_jax import losses
@@ -49,7 +54,7 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature: float,
   return common.global_sum(jnp.sum(lse - pos), axis_name) / n  # n = 2B anchors
 
 
-def clip_loss(img: jax.Array, txt: jax.Array, *, temperature,
+def clip_loss(img: jax.Array, txt: jax.Array, *, temperature: Scalar,
               chunk_size: Optional[int] = None, ring: bool = False,
               axis_name: Optional[str] = None) -> jax.Array:
   """Symmetric InfoNCE of CLIP (Radford et al., ICML 2021).
@@ -68,6 +73,10 @@ def clip_loss(img: jax.Array, txt: jax.Array, *, temperature,
       log-sum-exps combine B partial sums over devices: 2B floats).
   Returns:
     float32 scalar: the mean over the global batch (already averaged over devices).
+
+  References:
+    A. Radford et al., "Learning Transferable Visual Models From Natural Language
+      Supervision" (CLIP), ICML 2021.
 
   Examples:
     >>> import jax
@@ -125,6 +134,10 @@ def dcl_loss(z1: jax.Array, z2: jax.Array, *, temperature: float, weighted: bool
   Returns:
     float32 scalar.
 
+  References:
+    C.-H. Yeh, C.-Y. Hong, Y.-C. Hsu, T.-L. Liu, Y. Chen, Y. LeCun, "Decoupled
+      Contrastive Learning", ECCV 2022.
+
   Examples:
     >>> import jax
     >>> from contrastive_jax import losses
@@ -147,7 +160,7 @@ def dcl_loss(z1: jax.Array, z2: jax.Array, *, temperature: float, weighted: bool
 
 
 def modality_contrastive_loss(img: jax.Array, txt: jax.Array, img_aug: jax.Array,
-                              txt_aug: jax.Array, *, temperature,
+                              txt_aug: jax.Array, *, temperature: Scalar,
                               chunk_size: Optional[int] = None, ring: bool = False,
                               axis_name: Optional[str] = None) -> jax.Array:
   """L_con of Jiang et al. (CVPR 2023): cross-modal plus in-modal InfoNCE.
@@ -161,6 +174,11 @@ def modality_contrastive_loss(img: jax.Array, txt: jax.Array, img_aug: jax.Array
     img, txt, img_aug, txt_aug: [B, D] raw embeddings.
   Returns:
     float32 scalar.
+
+  References:
+    Q. Jiang et al., "Understanding and Constructing Latent Modality Structures in
+      Multi-modal Representation Learning", CVPR 2023 (L_con);
+      S. Goel et al., "CyCLIP: Cyclic Contrastive Language-Image Pretraining", NeurIPS 2022.
 
   Examples:
     >>> import jax
@@ -176,10 +194,14 @@ def modality_contrastive_loss(img: jax.Array, txt: jax.Array, img_aug: jax.Array
   return (2.0 * cross + in_img + in_txt) / 4.0
 
 
-def infonce(anchors: jax.Array, keys: jax.Array, *, temperature,
+def infonce(anchors: jax.Array, keys: jax.Array, *, temperature: Scalar,
             chunk_size: Optional[int] = None, ring: bool = False,
             axis_name: Optional[str] = None) -> jax.Array:
   """One-directional InfoNCE: mean_i CE(anchors_i -> keys), keys_i positive. [B, D] each.
+
+  References:
+    A. van den Oord, Y. Li, O. Vinyals, "Representation Learning with Contrastive
+      Predictive Coding", arXiv:1807.03748, 2018.
 
   Examples:
     >>> import jax
@@ -195,7 +217,7 @@ def infonce(anchors: jax.Array, keys: jax.Array, *, temperature,
 
 
 def momentum_distillation_loss(img: jax.Array, txt: jax.Array, img_m: jax.Array,
-                               txt_m: jax.Array, *, temperature,
+                               txt_m: jax.Array, *, temperature: Scalar,
                                axis_name: Optional[str] = None) -> jax.Array:
   """ALBEF's momentum distillation term: cross-entropy of the online image-text
   similarities against the momentum model's softmax, both directions.
@@ -212,6 +234,11 @@ def momentum_distillation_loss(img: jax.Array, txt: jax.Array, img_m: jax.Array,
     axis_name: mesh axis to gather keys over inside `shard_map`.
   Returns:
     float32 scalar.
+
+  References:
+    J. Li, R. R. Selvaraju, A. D. Gotmare, S. Joty, C. Xiong, S. Hoi, "Align before
+      Fuse: Vision and Language Representation Learning with Momentum Distillation"
+      (ALBEF), NeurIPS 2021.
 
   Examples:
     >>> import jax

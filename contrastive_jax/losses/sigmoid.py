@@ -7,11 +7,12 @@ import jax
 import jax.numpy as jnp
 
 from contrastive_jax.losses import common
+from contrastive_jax.losses.common import Scalar
 from contrastive_jax.losses import streamed
 from contrastive_jax.metrics import l2_normalize
 
 
-def sigmoid_loss(img: jax.Array, txt: jax.Array, *, temperature, bias,
+def sigmoid_loss(img: jax.Array, txt: jax.Array, *, temperature: Scalar, bias: Scalar,
                  chunk_size: Optional[int] = None, axis_name: Optional[str] = None) -> jax.Array:
   """SigLIP: every (img_i, txt_j) pair is an independent binary classification.
 
@@ -26,6 +27,10 @@ def sigmoid_loss(img: jax.Array, txt: jax.Array, *, temperature, bias,
     axis_name: mesh axis to gather the text keys over inside `shard_map`.
   Returns:
     float32 scalar: the mean over the global batch (already averaged over devices).
+
+  References:
+    X. Zhai, B. Mustafa, A. Kolesnikov, L. Beyer, "Sigmoid Loss for Language Image
+      Pre-Training" (SigLIP), ICCV 2023.
 
   Examples:
     >>> import jax

@@ -41,6 +41,11 @@ def sogclr_loss(z1: jax.Array, z2: jax.Array, state: dict, index: jax.Array, *,
   Returns:
     (float32 scalar loss, new state).
 
+  References:
+    Z. Yuan, Y. Wu, Z.-H. Qiu, X. Du, L. Zhang, D. Zhou, T. Yang, "Provable Stochastic
+      Optimization for Global Contrastive Learning: Small Batch Does Not Harm
+      Performance" (SogCLR), ICML 2022.
+
   Examples:
     >>> import jax, jax.numpy as jnp
     >>> from contrastive_jax import losses

@@ -21,10 +21,13 @@ negative entries exclude nothing. Column reductions see every row of `a`: in
 """
 
 import functools
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
+
+# A number option that may also be traced (a learnable temperature or bias).
+Scalar = Union[float, jax.Array]
 
 DIRECT_MAX_ELEMENTS = 1 << 28  # 1 GiB of float32 similarities
 STREAM_CHUNK_ELEMENTS = 1 << 25  # elements of one streamed [M, chunk] block (128 MiB)
@@ -249,7 +252,7 @@ def _lse_direct_bwd(want_cols, res, g):
 _lse_direct.defvjp(_lse_direct_fwd, _lse_direct_bwd)
 
 
-def logsumexp(a: jax.Array, k: jax.Array, inv_temperature, exclude: Optional[jax.Array] = None,
+def logsumexp(a: jax.Array, k: jax.Array, inv_temperature: Scalar, exclude: Optional[jax.Array] = None,
               *, cols: bool = False, chunk_size: Optional[int] = None
               ) -> tuple[jax.Array, jax.Array]:
   """(row, column) log-sum-exps of S = inv_temperature * a kᵀ, excluded pairs left out.
@@ -328,7 +331,7 @@ def _softplus_sum_bwd(chunk, res, g):
 _softplus_sum.defvjp(_softplus_sum_fwd, _softplus_sum_bwd)
 
 
-def softplus_sum(a: jax.Array, k: jax.Array, inv_temperature, bias, *,
+def softplus_sum(a: jax.Array, k: jax.Array, inv_temperature: Scalar, bias: Scalar, *,
                  chunk_size: Optional[int] = None) -> jax.Array:
   """sum_ij softplus(inv_temperature * a_i . k_j + bias), float32 scalar; a [M, D], k [K, D].
 
@@ -419,7 +422,7 @@ def _lse_ring_bwd(stride, axis_name, want_cols, res, g):
 _lse_ring.defvjp(_lse_ring_fwd, _lse_ring_bwd)
 
 
-def ring_logsumexp(a: jax.Array, k: jax.Array, inv_temperature, exclude: Optional[jax.Array],
+def ring_logsumexp(a: jax.Array, k: jax.Array, inv_temperature: Scalar, exclude: Optional[jax.Array],
                    *, axis_name: str, block_cols: jax.Array, stride: int, cols: bool = False
                    ) -> tuple[jax.Array, jax.Array]:
   """`logsumexp` of local anchors against the keys of EVERY device, inside

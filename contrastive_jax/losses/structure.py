@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from contrastive_jax import metrics
 from contrastive_jax.losses import common
+from contrastive_jax.losses.common import Scalar
 from contrastive_jax.losses import streamed
 from contrastive_jax.losses.infonce import infonce
 
@@ -42,7 +43,7 @@ def _cos_rows(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def feature_separation_loss(img: jax.Array, txt: jax.Array, img_ind: jax.Array,
                             txt_ind: jax.Array, img_ind_aug: jax.Array, txt_ind_aug: jax.Array,
-                            *, temperature, uniformity_t: float = 2.0,
+                            *, temperature: Scalar, uniformity_t: float = 2.0,
                             chunk_size: Optional[int] = None,
                             axis_name: Optional[str] = None) -> jax.Array:
   """Deep feature separation: L_sep = L_ortho + L_icon + L_uni (unit weights).
@@ -61,6 +62,11 @@ def feature_separation_loss(img: jax.Array, txt: jax.Array, img_ind: jax.Array,
     chunk_size: None (automatic) or the key chunk L_icon and U stream over.
   Returns:
     float32 scalar.
+
+  References:
+    Q. Jiang, C. Chen, H. Zhao, L. Chen, Q. Ping, S. Tran, Y. Xu, B. Zeng, T. Chilimbi,
+      "Understanding and Constructing Latent Modality Structures in Multi-modal
+      Representation Learning", CVPR 2023 (deep feature separation).
 
   Examples:
     >>> import jax
@@ -97,6 +103,11 @@ def brownian_bridge_loss(img: jax.Array, txt: jax.Array, img_aug: jax.Array, *,
     key: optional PRNG key to sample t per pair.
   Returns:
     float32 scalar.
+
+  References:
+    Q. Jiang, C. Chen, H. Zhao, L. Chen, Q. Ping, S. Tran, Y. Xu, B. Zeng, T. Chilimbi,
+      "Understanding and Constructing Latent Modality Structures in Multi-modal
+      Representation Learning", CVPR 2023 (Brownian bridge).
 
   Examples:
     >>> import jax
@@ -147,6 +158,11 @@ def geometric_consistency_loss(img: jax.Array, txt: jax.Array, img_aug: jax.Arra
     img, txt, img_aug, txt_aug: [B, D] raw embeddings.
   Returns:
     float32 scalar.
+
+  References:
+    Q. Jiang, C. Chen, H. Zhao, L. Chen, Q. Ping, S. Tran, Y. Xu, B. Zeng, T. Chilimbi,
+      "Understanding and Constructing Latent Modality Structures in Multi-modal
+      Representation Learning", CVPR 2023 (geometric consistency).
 
   Examples:
     >>> import jax

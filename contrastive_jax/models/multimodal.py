@@ -12,6 +12,7 @@ from typing import Optional
 
 import flax.linen as nn
 import jax
+from jax.typing import ArrayLike
 import jax.numpy as jnp
 import numpy as np
 
@@ -72,7 +73,7 @@ class TwoTower(nn.Module):
   separate: bool = False
   init_temperature: float = 0.07
 
-  def setup(self):
+  def setup(self) -> None:
     self.img_proj = nn.Dense(self.proj_dim)
     self.txt_proj = nn.Dense(self.proj_dim)
     if self.separate:
@@ -121,7 +122,7 @@ class Fusion(nn.Module):
   separate: bool = False
   init_temperature: float = 0.07
 
-  def setup(self):
+  def setup(self) -> None:
     self.image_encoder = ViT(patch=8, width=self.width, depth=self.depth, heads=self.heads,
                              sequence=True)
     self.text_encoder = TextTransformer(self.vocab_size, self.max_len, self.width, self.depth,
@@ -138,15 +139,15 @@ class Fusion(nn.Module):
     self.log_scale = self.param("logit_scale", nn.initializers.constant(
         np.log(1.0 / self.init_temperature)), ())
 
-  def encode_image(self, images):
+  def encode_image(self, images: ArrayLike) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
     t = self.image_encoder(images)
     return t, self.img_proj(t[:, 0]), self.img_ind(t[:, 0]) if self.separate else None
 
-  def encode_text(self, tokens):
+  def encode_text(self, tokens: ArrayLike) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
     seq = self.text_encoder(tokens, sequence=True)
     return seq, self.txt_proj(seq[:, 0]), self.txt_ind(seq[:, 0]) if self.separate else None
 
-  def fuse(self, image_tokens, text_seq, tokens):
+  def fuse(self, image_tokens: jax.Array, text_seq: jax.Array, tokens: ArrayLike) -> jax.Array:
     """Text sequence [B, L, W] (from encode_text of `tokens`) cross-attending to the image."""
     x = text_seq
     mask = nn.make_attention_mask(tokens != PAD, tokens != PAD)
@@ -154,13 +155,13 @@ class Fusion(nn.Module):
       x = block(x, mask, context=image_tokens)
     return self.fusion_norm(x)
 
-  def itm(self, fused):
+  def itm(self, fused: jax.Array) -> jax.Array:
     return self.itm_head(fused[:, 0])
 
-  def mlm(self, fused):
+  def mlm(self, fused: jax.Array) -> jax.Array:
     return self.mlm_head(fused)
 
-  def temperature(self):
+  def temperature(self) -> jax.Array:
     return 1.0 / jnp.exp(jnp.minimum(self.log_scale, np.log(100.0)))
 
   def __call__(self, images, tokens):

@@ -5,6 +5,8 @@
   fusion     image-text, ALBEF-style fusion model (`fusion.Fusion`)
 """
 
+from typing import Any
+
 import ml_collections
 
 from contrastive_jax.tasks.base import Task
@@ -15,7 +17,7 @@ from contrastive_jax.tasks.two_view import TwoView
 TASKS = {"two_view": TwoView, "two_tower": TwoTower, "fusion": Fusion}
 
 
-def get(cfg: ml_collections.ConfigDict, train_src, **kwargs) -> Task:
+def get(cfg: ml_collections.ConfigDict, train_src: Any, **kwargs) -> Task:
   """The task of cfg.task on the training records `train_src` (a random-access
   sequence of dicts; kwargs, e.g. an image-text task's tokenizer, go to the task)."""
   if cfg.task not in TASKS:

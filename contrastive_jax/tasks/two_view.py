@@ -5,7 +5,10 @@ The host crops (uint8, `pipeline.TwoViews`); the step augments each view on the
 device (`augment.photometric`); evaluation streams embeddings batch by batch
 (`pipeline.eval_batches`, `evaluate.embed_batches`)."""
 
+from typing import Any, Optional
+
 import jax
+import ml_collections
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
@@ -41,7 +44,7 @@ class TwoView(base.Task):
     if self.size:
       self.image_shape = (self.size, self.size, self.channels)
 
-  def check_eval(self, cfg):
+  def check_eval(self, cfg: ml_collections.ConfigDict) -> None:
     super().check_eval(cfg)
     names = f"{cfg.evaluators},{cfg.final_evaluators}".split(",")
     if "knn" in [n.strip() for n in names]:
@@ -52,14 +55,14 @@ class TwoView(base.Task):
         raise ValueError(f"--config.knn_k={k!r}: must be an integer in [1, {n}] (the train "
                          "examples the kNN probe searches)")
 
-  def transform(self):
+  def transform(self) -> Any:
     return pipeline.TwoViews(self.train_src, self.augment, self.size, self.channels)
 
-  def init(self, key):
+  def init(self, key: jax.Array) -> dict:
     params = self.model.init(key, jnp.zeros((1,) + tuple(self.image_shape), jnp.float32))
     return {"params": params, "loss_state": self.loss_state}
 
-  def loss(self, params, state, batch, key, mesh):
+  def loss(self, params: Any, state: dict, batch: dict, key: jax.Array, mesh: jax.sharding.Mesh) -> tuple[jax.Array, tuple[dict, dict]]:
     def local(z1, z2, s, i, k):
       loss, s = self.loss_fn(z1, z2, s, i, k, temperature=self.cfg.temperature,
                              axis_name=BATCH_AXES)
@@ -83,13 +86,13 @@ class TwoView(base.Task):
         out_specs=(P(), P(), P()))(z[0], z[1], state["loss_state"], batch["index"], key)
     return loss, ({"loss_state": loss_state}, {"nt_xent_local": local_infonce})
 
-  def eval_data(self, limit=None):
+  def eval_data(self, limit: Optional[int]=None) -> Any:
     """The (train, test) sources and the limit: nothing is loaded until an evaluation
     streams them."""
     test_src = pipeline.get_source(self.cfg.dataset, self.cfg.eval_split, self.cfg.data_dir)
     return self.train_src, test_src, limit
 
-  def prepare(self, params, data):
+  def prepare(self, params: Any, data: Any) -> dict:
     train_src, test_src, limit = data
     transform = pipeline.EvalImage(self.size, self.channels,
                                    self.cfg.get("eval_crop_fraction", 1.0))
@@ -101,13 +104,13 @@ class TwoView(base.Task):
     return {"train": tr, "test": te, "train_y": tr_y, "test_y": te_y,
             "num_classes": int(max(tr_y.max(), te_y.max()) + 1)}
 
-  def eval_knn(self, c):
+  def eval_knn(self, c: dict) -> dict:
     return {"knn_top1": evaluate.knn_accuracy(c["train"], c["train_y"], c["test"], c["test_y"],
                                               num_classes=c["num_classes"], k=self.cfg.knn_k)}
 
-  def eval_linear(self, c):
+  def eval_linear(self, c: dict) -> dict:
     return {"linear_top1": evaluate.linear_probe(c["train"], c["train_y"], c["test"], c["test_y"],
                                                  num_classes=c["num_classes"])["top1"]}
 
-  def eval_rank(self, c):
+  def eval_rank(self, c: dict) -> dict:
     return {"effective_rank": float(metrics.effective_rank(jnp.asarray(c["test"])))}
