@@ -68,6 +68,22 @@ def test_stateless_value_and_grad(name, seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
+def test_dclw_is_finite_and_exact_at_a_small_sigma(seed):
+  """sigma = 0.01 with near-duplicate positives: exp(cos / sigma) ~ e^100 overflows float32."""
+  rng = np.random.default_rng(seed_of("dclw_sigma", seed))
+  z1 = rng.normal(size=(B, D))
+  z2 = z1 + 0.01 * rng.normal(size=(B, D))
+  reference = lambda a, b: ref.dcl(a, b, T, weighted=True, sigma=0.01)
+  fn = lambda a, b: L.dcl_loss(a, b, temperature=T, weighted=True, sigma=0.01)
+  value, grads = jax.value_and_grad(fn, argnums=(0, 1))(jnp.asarray(z1, jnp.float32),
+                                                         jnp.asarray(z2, jnp.float32))
+  assert np.isfinite(float(value)) and all(np.isfinite(g).all() for g in grads), seed
+  assert_close(value, reference(z1, z2), rtol=1e-4)
+  for g, g_ref in zip(grads, ref.numerical_grad(reference, [z1, z2])):
+    assert_close(g, g_ref, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
 def test_momentum_distillation_value_and_grad(seed):
   img, txt, img_m, txt_m = fresh_inputs(4, seed=seed_of("momentum_distillation", seed))
   fn = lambda *x: L.momentum_distillation_loss(*x, temperature=T)

@@ -126,7 +126,8 @@ def dcl_loss(z1: jax.Array, z2: jax.Array, *, temperature: float, weighted: bool
   averaged over the 2B anchors (both directions, as the authors train it).
   DCL: w = 1. DCLW (weighted=True): w_k = 2 - exp(c_k / sigma) / mean_j exp(c_j / sigma),
   with c_k the positive pair's cosine; the weight is differentiated through, as
-  in the reference implementation.
+  in the reference implementation (lightly's DCLW detaches it). Finite for any
+  sigma > 0 (the ratio is computed shifted by its largest exponent).
 
   Args:
     z1, z2: [B, D] raw embeddings of two views.
@@ -152,7 +153,14 @@ def dcl_loss(z1: jax.Array, z2: jax.Array, *, temperature: float, weighted: bool
                                         chunk_size=chunk_size, ring=ring)
   if weighted:
     cos = pos * jnp.asarray(temperature, jnp.float32)  # both directions share c_k
-    e = jnp.exp(cos / sigma)
+    # exp(c_k / sigma) / mean_j exp(c_j / sigma), shifted by the largest c / sigma (the
+    # ratio does not change, so the shift carries no gradient): exp(1 / sigma) overflows
+    # float32 for sigma below about 0.011.
+    a = cos / sigma
+    top = jax.lax.stop_gradient(jnp.max(a))
+    if axis_name is not None:
+      top = jax.lax.pmax(top, axis_name)
+    e = jnp.exp(a - top)
     mean_e = common.global_sum(jnp.sum(e), axis_name) / common.global_sum(
         jnp.float32(e.shape[0]), axis_name)
     pos = (2.0 - e / mean_e) * pos
