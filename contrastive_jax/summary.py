@@ -125,7 +125,13 @@ class Progress:
   a batch job) one plain line every `every_s` seconds, since a bar's carriage-return
   updates would pile up on one line of the log:
 
-    step 1200/5000 (24 %)  loss 3.1234  1,450 examples/s  ETA 0:04:10
+    step 1200/5000 (24 %)  loss -7.4183 (nt_xent_local 2.4135)  1,450 examples/s  ETA 0:04:10
+
+  The rate (and so the ETA) is measured over training steps only: a window starts
+  after the first step (compilation) and again after each evaluation (`restart`).
+  `monitor`, a loss a reader can compare across losses (the two-view task's
+  nt_xent_local), is shown beside the training loss (the gamma loss's value means
+  nothing to a reader).
   """
 
   def __init__(self, total: int, start: int, batch_size: int, *, enabled: bool,
@@ -136,26 +142,41 @@ class Progress:
     self.tty = enabled and self.stream.isatty()
     self.bar = tqdm.tqdm(total=total, initial=start, desc="train", unit="step",
                          dynamic_ncols=True, file=self.stream) if self.tty else None
-    self.loss = None
-    self._t, self._step = time.monotonic(), start
+    self.loss = self.monitor = None
+    self._t, self._step, self._fresh = time.monotonic(), start, True
 
-  def update(self, step: int, loss: Optional[float] = None,
-             rate: Optional[float] = None) -> None:
-    """Step `step` is done (loss and examples/s when they were just logged)."""
+  def restart(self) -> None:
+    """What just happened (an evaluation) does not count in the rate."""
+    self._fresh = True
+    if self.bar is not None:
+      self.bar.unpause()
+
+  def update(self, step: int, loss: Optional[float] = None, rate: Optional[float] = None,
+             monitor: Optional[float] = None) -> None:
+    """Step `step` is done (loss, examples/s and the monitor when they were just logged)."""
     if loss is not None:
-      self.loss = loss
+      self.loss, self.monitor = loss, monitor
     if self.bar is not None:
       self.bar.update(step - self.bar.n)
       if loss is not None:
-        self.bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.0f}")
+        shown = {"loss": f"{loss:.4f}", "ex_s": f"{rate:.0f}"}
+        if monitor is not None:
+          shown["nt_xent_local"] = f"{monitor:.4f}"
+        self.bar.set_postfix(**shown)
       return
     now = time.monotonic()
+    if self._fresh:  # this step held compilation or followed an evaluation: start a window
+      self._t, self._step, self._fresh = now, step, False
+      if step < self.total:
+        return
     if not self.enabled or (now - self._t < self.every_s and step < self.total):
       return
     steps_per_s = (step - self._step) / max(now - self._t, 1e-9)
     parts = [f"step {step}/{self.total} ({100 * step // self.total} %)"]
     if self.loss is not None and math.isfinite(self.loss):
-      parts.append(f"loss {self.loss:.4f}")
+      parts.append(f"loss {self.loss:.4f}" + (
+          f" (nt_xent_local {self.monitor:.4f})" if self.monitor is not None and
+          math.isfinite(self.monitor) else ""))
     if step > self._step:
       parts.append(f"{steps_per_s * self.batch_size:,.0f} examples/s")
       if step < self.total:

@@ -265,6 +265,7 @@ class Loop:
         self.writer.progress.update(done)
       if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.num_steps:
         self.record(done, "eval", self.evaluate(state, cfg.evaluators))
+        self.writer.progress.restart()
       if done % cfg.checkpoint_every == 0:
         self.save(state)
     else:
@@ -282,7 +283,7 @@ class Loop:
     if self.skip:
       record["skipped_steps"] = self.skipped
     self.record(step, "train", record)
-    self.writer.progress.update(step, record["loss"], rate)
+    self.writer.progress.update(step, record["loss"], rate, record.get("nt_xent_local"))
 
   def finish(self) -> None:
     """Completes a good checkpoint in flight, whatever stopped the loop (once)."""

@@ -177,9 +177,34 @@ def test_progress_is_plain_lines_every_n_seconds_when_not_a_terminal():
   assert text.startswith("step 100/100 (100 %)  loss 2.5000  ") and "examples/s" in text
   stream = io.StringIO()
   progress = summary.Progress(100, 40, 32, enabled=True, every_s=0, stream=stream)
-  progress.update(41)
-  assert stream.getvalue().startswith("step 41/100 (41 %)  ") and "ETA 0:" in stream.getvalue()
+  progress.update(41)  # the first step (compilation) starts the rate's window
+  assert stream.getvalue() == ""
+  progress.update(42)
+  assert stream.getvalue().startswith("step 42/100 (42 %)  ") and "ETA 0:" in stream.getvalue()
   assert "loss" not in stream.getvalue()  # none logged yet: not printed
+
+
+def test_the_eta_counts_training_steps_only(monkeypatch):
+  """A 60 s compilation, then 1 s a step, a 100 s evaluation at step 50: every ETA printed
+  is within 2x of the true remaining time, and the line shows the monitored loss."""
+  clock = [0.0]
+  monkeypatch.setattr(summary.time, "monotonic", lambda: clock[0])
+  stream = io.StringIO()
+  progress = summary.Progress(100, 0, 32, enabled=True, every_s=10, stream=stream)
+  clock[0] += 60  # compilation, in step 1
+  for step in range(1, 101):
+    clock[0] += 1
+    progress.update(step, loss=-7.0, rate=32.0, monitor=2.5)
+    if step == 50:
+      clock[0] += 100
+      progress.restart()
+  lines = stream.getvalue().splitlines()
+  assert len(lines) >= 8 and "loss -7.0000 (nt_xent_local 2.5000)" in lines[0], lines
+  for line in lines[:-1]:
+    step = int(line.split()[1].split("/")[0])
+    h, m, sec = line.split("ETA ")[1].split(":")
+    eta = int(h) * 3600 + int(m) * 60 + int(sec)
+    assert (100 - step) / 2 <= eta <= 2 * (100 - step), line
 
 
 @pytest.mark.parametrize("result,line", [
@@ -262,3 +287,22 @@ def test_launch_dry_run_prints_the_plan(tpu, version):
 def test_launch_refuses_bad_arguments(args, message):
   out = launch("--dry-run", *args)
   assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+@pytest.mark.slow
+def test_a_first_run_logged_to_a_file_is_plain_text(tmp_path):
+  """A fresh data dir (the dataset is prepared) with stdout and stderr to files: no
+  carriage return, no escape sequence, and no TFDS "Downloading ... Unknown size"."""
+  with open(tmp_path / "out.log", "w") as out, open(tmp_path / "err.log", "w") as err:
+    proc = subprocess.run(
+        [sys.executable, "-m", "contrastive_jax.train", "--config", "mnist_gamma:smoke",
+         "--workdir", str(tmp_path / "w"), f"--config.data_dir={tmp_path / 'tfds'}",
+         "--config.num_steps=3", "--config.progress=True", "--config.progress_every_s=0.01"],
+        cwd=tmp_path, stdout=out, stderr=err, timeout=300,
+        env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+             "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  text = (tmp_path / "out.log").read_text() + (tmp_path / "err.log").read_text()
+  assert proc.returncode == 0, text[-3000:]
+  assert "\r" not in text and "\x1b" not in text, repr(text[:2000])
+  assert "Unknown size" not in text and "preparing the built-in dataset sklearn_digits" in text
+  assert "step 3/3 (100 %)" in text, text

@@ -11,7 +11,9 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import io
 import os
+import sys
 import threading
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -40,6 +42,21 @@ def _file_lock(path: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _prepare(builder: Any, name: str, data_dir: str) -> None:
+  """Prepares a built-in dataset (once): one plain line instead of TFDS's own, whose
+  "Downloading and preparing dataset Unknown size" is wrong here (nothing is
+  downloaded); its progress bars only on a terminal (in a log file their carriage
+  returns pile up)."""
+  if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+    return  # another process prepared it while this one waited for the lock
+  print(f"preparing the built-in dataset {name} in {data_dir} (once; nothing is downloaded)",
+        flush=True)
+  if not sys.stderr.isatty():
+    tfds.disable_progress_bar()
+  with contextlib.redirect_stdout(io.StringIO()):
+    builder.download_and_prepare(file_format="array_record")
+
+
 def get_source(name: str, split: str, data_dir: Optional[str] = None) -> Any:
   """Random-access source of records {"image": uint8 [H, W, C] or encoded bytes, "label"}.
 
@@ -53,7 +70,7 @@ def get_source(name: str, split: str, data_dir: Optional[str] = None) -> Any:
     builder = BUILDERS[name](data_dir=data_dir)
     if not os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
       with _file_lock(os.path.join(data_dir, f".{name}.lock")):
-        builder.download_and_prepare(file_format="array_record")
+        _prepare(builder, name, data_dir)
   try:
     source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # tfds raises several types for a missing dataset
