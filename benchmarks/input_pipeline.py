@@ -102,7 +102,8 @@ def loop(cfg, steps: int, windows: int = 5) -> float:
   cfg = cfg.copy_and_resolve_references()
   cfg.log_every = max(1, steps // windows)
   cfg.num_steps = cfg.log_every * (windows + 1)
-  cfg.update(dict(eval_at_init=False, evaluators="", final_evaluators="", progress=False,
+  cfg.evals = type(cfg.evals)()  # no evaluation
+  cfg.update(dict(progress=False,
                   checkpoint_every=10 ** 9, tensorboard=False))
   with tempfile.TemporaryDirectory() as work:
     train.train_and_evaluate(cfg, work)

@@ -27,8 +27,8 @@ from contrastive_jax import workdir as workdir_lib
 # paths; a task adds its own); every other field must equal the stored config's.
 # num_steps may not go below the checkpoint.
 MUTABLE_ON_RESUME = (
-    "num_steps", "log_every", "progress", "eval_every", "eval_at_init", "evaluators",
-    "final_evaluators", "eval_limit", "eval_split", "checkpoint_every",
+    "num_steps", "log_every", "progress", "evals", "eval_limit", "eval_split",
+    "checkpoint_every",
     "keep_checkpoints", "data_dir", "data_threads", "data_workers", "data_cache", "distributed", "fsdp", "skip_nonfinite",
     "progress_every_s", "tensorboard", "stop_timeout_s",
     "lock_stale_s")

@@ -39,11 +39,11 @@ def main(argv: Optional[list[str]] = None) -> None:
   parser.add_argument("--workdir", required=True, help="local path or gs://bucket/run")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
   parser.add_argument("--evaluators", default=None,
-                      help="comma-separated evaluators (default: the config's final_evaluators)")
+                      help="comma-separated evaluators (default: the config's evals with final=True)")
   args = parser.parse_args(argv)
   try:
     cfg, state, task = load(args.workdir, args.step)
-    names = args.evaluators or cfg.final_evaluators
+    names = args.evaluators or ",".join(n for n, e in cfg.get("evals", {}).items() if e.final)
     task.check_evaluators(names, field=None)
   except (FileNotFoundError, ValueError, checkpointing.CheckpointError, workdir.WorkdirError,
           pipeline.DataError) as e:

@@ -30,7 +30,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the field and what is allowed for a bad trainer setting."""
   for name in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
     _positive_int(cfg, name)
-  for name in ("warmup_steps", "eval_every", "data_threads", "data_workers"):
+  for name in ("warmup_steps", "data_threads", "data_workers"):
     _positive_int(cfg, name, minimum=0)
   for name, default in (("progress_every_s", 60.0), ("stop_timeout_s", 300.0),
                         ("lock_stale_s", 120.0)):
@@ -84,8 +84,7 @@ def build(cfg: ml_collections.ConfigDict, task: Optional[tasks.Task] = None) -> 
       source = pipeline.get_source(cfg.dataset, "train", cfg.data_dir)
       return pipeline.InMemory(source) if cfg.get("data_cache", False) else source
     task = tasks.get(cfg, pipeline.read_or_fail(cfg.dataset, cfg.data_dir, load))
-  task.check_evaluators(cfg.evaluators, "evaluators")
-  task.check_evaluators(cfg.final_evaluators, "final_evaluators")
+  task.check_evals(cfg.get("evals", {}))
   tx, schedule = make_optimizer(cfg)
 
   def init() -> dict:

@@ -31,6 +31,15 @@ from contrastive_jax import workdir as workdir_lib
 from contrastive_jax.data import pipeline
 
 
+def due(cfg: ml_collections.ConfigDict, when) -> str:
+  """The evaluators of cfg.evals due `when` ("at_init", "final" or a step), comma-separated
+  (what `Task.evaluate` takes; evaluators due together share their embeddings)."""
+  evals = cfg.get("evals", {})
+  if isinstance(when, str):
+    return ",".join(n for n, e in evals.items() if e.get(when, False))
+  return ",".join(n for n, e in evals.items() if e.get("every", 0) and when % e.every == 0)
+
+
 def _print(*args):
   if jax.process_index() == 0:
     print(*args, flush=True)
@@ -234,8 +243,8 @@ class Loop:
   def run(self, state: dict, start: int, stop_at: Optional[int]) -> tuple[dict, int]:
     """Steps from `start` until num_steps, stop_at or an agreed stop -> (state, code)."""
     cfg = self.cfg
-    if start == 0 and cfg.eval_at_init:
-      self.init_eval = self.evaluate(state, cfg.evaluators)
+    if start == 0 and due(cfg, "at_init"):
+      self.init_eval = self.evaluate(state, due(cfg, "at_init"))
       self.record(0, "eval", self.init_eval)
     batches = iter(pipeline.read(self.ds[start:], cfg.data_threads, cfg.get("data_workers", 0)))
     t_last, n_last = time.perf_counter(), start
@@ -263,8 +272,8 @@ class Loop:
         t_last, n_last = now, done
       else:
         self.writer.progress.update(done)
-      if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.num_steps:
-        self.record(done, "eval", self.evaluate(state, cfg.evaluators))
+      if done < cfg.num_steps and due(cfg, done):
+        self.record(done, "eval", self.evaluate(state, due(cfg, done)))
         self.writer.progress.restart()
       if done % cfg.checkpoint_every == 0:
         self.save(state)
@@ -338,13 +347,13 @@ def _final_eval(cfg, workdir, loop: Loop, state, start: int) -> dict:
       loop.stop.interruptible = True
       if loop.stop.code:  # the signal came between the last save and here
         raise stopping.Interrupted(loop.stop.reason)
-    result = {"step": step, **loop.evaluate(state, cfg.final_evaluators)}
+    result = {"step": step, **loop.evaluate(state, due(cfg, "final"))}
     loop.stop.interruptible = False
   except stopping.Interrupted:
     _print(f"stopped during the final evaluation: checkpoint saved at step {step} in {workdir}; "
            "run the same command to evaluate it")
     return {"preempted": True, "step": step}
-  if start == 0 and cfg.eval_at_init:
+  if loop.init_eval is not None:
     result["random_init"] = loop.init_eval
   writer = loop.writer
   lead = jax.process_index() == 0

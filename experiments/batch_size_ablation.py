@@ -106,13 +106,13 @@ def run_one(cfg: dict, out: str, args, slots=None) -> dict:
   os.makedirs(workdir, exist_ok=True)
   loss, extra = VARIANTS.get(cfg["loss"], (cfg["loss"], []))
   steps = cfg["num_steps"]
-  evaluators = "knn,rank,linear_probe" if args.linear else "knn,rank"
   cmd = [sys.executable, "-c", _CHILD, "--config", os.path.join(ROOT, args.config),
          "--workdir", workdir, f"--config.dataset={cfg['dataset']}", f"--config.loss={loss}",
          f"--config.batch_size={cfg['batch_size']}", f"--config.seed={cfg['seed']}",
          f"--config.num_steps={steps}", f"--config.warmup_steps={max(1, steps // 20)}",
          f"--config.checkpoint_every={max(1, steps // 4)}", "--config.progress=False",
-         "--config.eval_at_init=False", f"--config.final_evaluators={evaluators}",
+         "--config.evals.knn.at_init=False", "--config.evals.rank.at_init=False",
+         f"--config.evals.linear_probe.final={bool(args.linear)}",
          f"--config.data_threads={args.threads}", *extra, *args.override]
   slot = slots.get() if slots else 0
   try:

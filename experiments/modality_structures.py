@@ -64,6 +64,14 @@ def plan(seeds, parts, variants) -> list[tuple]:
   return [r for r in runs if part(r[0], r[1]) in parts]
 
 
+def _no_init_evals(config_path: str) -> list[str]:
+  """Flags that turn off every evaluation of the random initialisation of a config."""
+  import importlib
+  name = os.path.basename(config_path)[:-3]
+  evals = importlib.import_module(f"contrastive_jax.configs.{name}").get_config().evals
+  return [f"--config.evals.{n}.at_init=False" for n in evals]
+
+
 def run_one(fw, name, weights, seed, args) -> dict:
   """Trains (or resumes) one run with the trainer CLI; returns its row."""
   workdir = workdir_lib.join(args.out, "runs", f"{fw}_{name.strip('+').replace('=', '')}_s{seed}")
@@ -71,11 +79,11 @@ def run_one(fw, name, weights, seed, args) -> dict:
   steps = args.steps[fw]
   cmd = [sys.executable, "-m", "contrastive_jax.train", "--config", CONFIGS[fw],
          "--workdir", str(workdir), f"--config.seed={seed}", f"--config.num_steps={steps}",
-         "--config.progress=False", "--config.eval_at_init=False",
+         "--config.progress=False", *_no_init_evals(CONFIGS[fw]),
          f"--config.checkpoint_every={max(1, steps // 4)}",
          *[f"--config.weights.{k}={v}" for k, v in weights.items()]]
   if fw == "albef" and name == "baseline":  # the zero-shot curve: when does it stop improving?
-    cmd += [f"--config.eval_every={max(1, steps // 8)}", "--config.evaluators=zero_shot"]
+    cmd += [f"--config.evals.zero_shot.every={max(1, steps // 8)}"]
   if args.quick and fw != "mfeat":
     cmd.append("--config.eval_limit=1000")
   if not final.exists():

@@ -112,7 +112,7 @@ def test_two_views_emit_uint8_crops_deterministic_per_seed(tmp_path):
 def test_a_tfds_jpeg_dataset_reaches_the_host_encoded_and_trains(tmp_path):
   """Image features come as JPEG bytes (TFDS's decoding skipped), so the host decodes
   them at a reduced scale; the two-view task trains on them at a fixed size."""
-  from contrastive_jax.configs import imagenet_resnet50
+  from contrastive_jax.configs import base, imagenet_resnet50
   from contrastive_jax import train
   from tests import jpeg_dataset
   data_dir = str(tmp_path / "tfds")
@@ -125,7 +125,7 @@ def test_a_tfds_jpeg_dataset_reaches_the_host_encoded_and_trains(tmp_path):
   cfg.update(dict(dataset="jpeg_images", data_dir=data_dir, eval_split="test", image_size=24,
                   model="small_cnn", head_hidden=32, proj_dim=16, batch_size=16, num_steps=2,
                   warmup_steps=1, log_every=1, checkpoint_every=2, eval_limit=None,
-                  eval_batch_size=8, final_evaluators="knn", knn_k=3, data_workers=0,
-                  data_threads=1, progress=False))
+                  eval_batch_size=8, knn_k=3, data_workers=0, data_threads=1, progress=False))
+  cfg.evals = base.evals(knn=dict(final=True))
   result = train.train_and_evaluate(cfg, str(tmp_path / "w"))
   assert result["step"] == 2 and 0.0 <= result["knn_top1"] <= 1.0

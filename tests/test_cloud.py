@@ -141,8 +141,7 @@ def test_gs_without_a_gcs_filesystem_names_the_package(monkeypatch):
 @pytest.mark.slow
 def test_tensorboard_events_are_written_and_read_back(data_dir, tmp_path):
   work = str(tmp_path / "w")
-  cfg = small_config(data_dir, num_steps=10, log_every=5, eval_every=5, eval_at_init=True,
-                     evaluators="knn")
+  cfg = small_config(data_dir, num_steps=10, log_every=5, at_init=("knn",), every={"knn": 5})
   train.train_and_evaluate(cfg, work, stop_at=5)
   cfg.num_steps = 15
   train.train_and_evaluate(cfg, work)

@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 from contrastive_jax.configs import cifar10_gamma, cifar10_simclr
 from contrastive_jax import step as step_lib
 from contrastive_jax import sharding
+from tests.test_train import eval_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
@@ -35,9 +36,9 @@ RUN = ("import sys, tensorflow_datasets as tfds; from contrastive_jax import mai
 
 
 @pytest.mark.parametrize("config,extra", [
-    ("cifar10_simclr", ["--config.final_evaluators=knn"]),
-    ("imagenet_resnet50", ["--config.image_size=32", "--config.final_evaluators="]),
-    ("imagenet_vit_s16", ["--config.image_size=32", "--config.final_evaluators="]),
+    ("cifar10_simclr", eval_flags("cifar10_simclr", final=("knn",))),
+    ("imagenet_resnet50", ["--config.image_size=32", *eval_flags("imagenet_resnet50")]),
+    ("imagenet_vit_s16", ["--config.image_size=32", *eval_flags("imagenet_vit_s16")]),
 ])
 def test_image_configs_train_a_few_steps_on_mock_data(config, extra, tmp_path):
   flags = [f"--config.{k}={v}" for k, v in SMALL.items()]

@@ -20,7 +20,7 @@ from contrastive_jax import train
 from contrastive_jax import workdir as workdir_lib
 from tests.test_run_safety import _cli, _env, _free_port, _wait_for_steps, assert_same_state
 from tests.test_run_safety import steps_of, strict_records
-from tests.test_train import small_config
+from tests.test_train import eval_flags, small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
@@ -61,7 +61,7 @@ def one_line_error(proc, err):
 
 def _two_process_cli(work, data_dir, port, steps, *flags):
   return [_cli(work, data_dir, f"--config.num_steps={steps}", "--config.log_every=1",
-               "--config.checkpoint_every=1000", "--config.final_evaluators=",
+               "--config.checkpoint_every=1000", *eval_flags("mnist_gamma"),
                "--config.distributed.initialize=True",
                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
@@ -147,7 +147,7 @@ def test_a_full_disk_stops_the_run_with_one_line(when, data_dir, tmp_path):
       else ["--config.checkpoint_every=100000", "--config.log_every=1"]
   with small_tmpfs(tmp_path / "disk") as disk:
     work = os.path.join(disk or str(tmp_path), "w")
-    flags = ["--config.num_steps=100000", "--config.final_evaluators=", *every]
+    flags = ["--config.num_steps=100000", *eval_flags("mnist_gamma"), *every]
     with processes(_cli(work, data_dir, *flags)) as (proc,):
       deadline = time.time() + 120
       while not os.path.exists(os.path.join(work, "checkpoints", "3" if every[0].endswith("=1")
@@ -203,7 +203,7 @@ def test_a_paused_trainer_writes_nothing_after_another_took_over(data_dir, tmp_p
   save, no deletion, no result), and exits 1 with one line."""
   work = str(tmp_path / "w")
   flags = ["--config.log_every=1", "--config.checkpoint_every=5", "--config.keep_checkpoints=2",
-           "--config.final_evaluators=knn", "--config.eval_limit=300"]
+           *eval_flags("mnist_gamma", final=("knn",)), "--config.eval_limit=300"]
   with processes(_cli(work, data_dir, "--config.num_steps=100000", *flags)) as (a,):
     _wait_for_steps(work, 8, a)
     a.send_signal(signal.SIGSTOP)
@@ -235,7 +235,7 @@ def test_a_paused_final_evaluation_does_not_overwrite_the_newer_result(data_dir,
 
     def evaluate_then_lose(params, data, names):
       out = evaluate(params, data, names)
-      if names == cfg.final_evaluators:  # what a takeover leaves in the file
+      if names == "knn":  # the final evaluation: what a takeover leaves in the file
         lock = os.path.join(work, workdir_lib.LOCK)
         json.dump({"host": "other", "pid": 1, "token": "theirs", "beat": 1}, open(lock, "w"))
         json.dump({"step": 99, "knn_top1": 0.5}, open(os.path.join(work, "final_eval.json"), "w"))
@@ -243,7 +243,7 @@ def test_a_paused_final_evaluation_does_not_overwrite_the_newer_result(data_dir,
     setup.task.evaluate = evaluate_then_lose
     return setup
   monkeypatch.setattr(step_lib, "build", taken_during_final_eval)
-  cfg = small_config(data_dir, num_steps=6, final_evaluators="knn", eval_at_init=False)
+  cfg = small_config(data_dir, num_steps=6, final=("knn",))
   with pytest.raises(workdir_lib.LockLost, match="final evaluation of step 6 was not written"):
     train.train_and_evaluate(cfg, work)
   assert json.load(open(os.path.join(work, "final_eval.json")))["step"] == 99
@@ -253,7 +253,7 @@ def test_a_paused_final_evaluation_does_not_overwrite_the_newer_result(data_dir,
 def test_a_removed_lock_file_costs_no_steps(data_dir, tmp_path):
   work = str(tmp_path / "w")
   with processes(_cli(work, data_dir, "--config.num_steps=60", "--config.log_every=1",
-                      "--config.final_evaluators=")) as (proc,):
+                      *eval_flags("mnist_gamma"))) as (proc,):
     _wait_for_steps(work, 5, proc)
     os.remove(os.path.join(work, workdir_lib.LOCK))
     _, err = proc.communicate(timeout=300)
@@ -305,7 +305,7 @@ def test_sigterm_during_the_final_evaluation_exits_0_and_the_same_command_evalua
     data_dir, tmp_path):
   work = str(tmp_path / "w")
   flags = ["--config.num_steps=20", "--config.log_every=1", "--config.checkpoint_every=1000",
-           "--config.final_evaluators=knn,linear_probe,rank"]
+           *eval_flags("mnist_gamma", final=("knn", "linear_probe", "rank"))]
   with processes(_cli(work, data_dir, *flags)) as (proc,):
     deadline = time.time() + 120
     while not os.path.exists(os.path.join(work, "checkpoints", "20")) and time.time() < deadline:
@@ -330,9 +330,11 @@ def test_sigterm_during_the_final_evaluation_exits_0_and_the_same_command_evalua
     (["--config.knn_k=0"], "--config.knn_k=0: must be an integer in [1, "),
     (["--config.knn_k=100000"], "--config.knn_k=100000: must be an integer in [1, "),
     (["--config.eval_limit=1"], "--config.eval_limit=1: the probes need at least 10"),
-    (["--config.eval_split=tset", "--config.eval_at_init=False"],
+    (["--config.eval_split=tset", "--config.evals.knn.at_init=False",
+      "--config.evals.rank.at_init=False"],
      "--config.eval_split='tset': dataset 'sklearn_digits' has the splits test, train"),
     (["--config.stop_timeout_s=0"], "--config.stop_timeout_s=0.0: must be a number > 0"),
+    (["--config.evals.knn.every=-1"], "--config.evals.knn.every=-1: must be an integer >= 0"),
 ])
 def test_bad_settings_are_refused_before_anything_is_written(flags, message, data_dir, tmp_path):
   work = tmp_path / "w"
@@ -360,7 +362,7 @@ def test_a_workdir_too_long_for_its_checkpoints_fails_at_start_up(data_dir, tmp_
 def stopped(data_dir, tmp_path_factory):
   """A workdir stopped at step 10 (checkpoints 5 and 10)."""
   work = str(tmp_path_factory.mktemp("stopped") / "w")
-  cfg = small_config(data_dir, num_steps=20, checkpoint_every=5, final_evaluators="")
+  cfg = small_config(data_dir, num_steps=20, checkpoint_every=5, final=())
   train.train_and_evaluate(cfg, work, stop_at=10)
   return cfg, work
 
@@ -393,10 +395,10 @@ def test_malformed_files_give_one_line_or_a_warning(what, content, outcome, stop
   with open(os.path.join(work, what), "a" if what == "metrics.jsonl" else "w") as f:
     f.write(content)
   proc = subprocess.run(_cli(work, data_dir, "--config.num_steps=12", "--config.log_every=5",
-                             "--config.checkpoint_every=5", "--config.final_evaluators=",
+                             "--config.checkpoint_every=5", *eval_flags("mnist_gamma"),
                              "--config.head_hidden=64", "--config.proj_dim=32",
                              "--config.eval_limit=300", "--config.warmup_steps=2",
-                             "--config.lock_stale_s=1", "--config.eval_at_init=True",
+                             "--config.lock_stale_s=1",
                              "--config.batch_size=64", "--config.data_threads=1"),
                         env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
   if outcome == "trains":

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from contrastive_jax.configs import captions_albef, captions_clip, captions_gamma
+from contrastive_jax.configs import base, captions_albef, captions_clip, captions_gamma
 from contrastive_jax import step as step_lib
 from contrastive_jax import checkpointing
 from contrastive_jax import hlo
@@ -37,11 +37,16 @@ def fake_source(n=64, seed=SEED):
   return records, tok
 
 
-def small(module=captions_clip, **overrides):
+def small(module=captions_clip, final=None, **overrides):
+  """The config of `module` at test size; `final`: the evaluators run at the end (default:
+  the config's), none at init."""
   cfg = module.get_config()
   cfg.update(dict(batch_size=32, num_steps=100, learning_rate=3e-3, warmup_steps=5,
-                  proj_dim=32, log_every=2, checkpoint_every=100, eval_at_init=False,
-                  progress=False, eval_limit=200))
+                  proj_dim=32, log_every=2, checkpoint_every=100, progress=False, eval_limit=200))
+  if final is not None:
+    cfg.evals = base.evals(**{n: dict(final=True) for n in final})
+  for schedule in cfg.evals.values():
+    schedule.at_init = False
   cfg.text.update(dict(width=32, depth=1))
   weights = overrides.pop("weights", {})
   cfg.update(overrides)
@@ -144,7 +149,7 @@ def test_bad_names_are_clear_errors():
   with pytest.raises(ValueError, match="unknown loss 'nope'.*--config.loss"):
     Runner(small(loss="nope"))
   with pytest.raises(ValueError, match="unknown evaluator 'knn'.*two_tower"):
-    Runner(small(final_evaluators="zero_shot,knn"))
+    Runner(small(final=("zero_shot", "knn")))
   with pytest.raises(ValueError, match="unknown task 'three_tower'"):
     Runner(small(task="three_tower"))
 
@@ -228,7 +233,7 @@ def vector_source(n=64, d=12, seed=SEED):
 
 def test_vector_modality_trains_and_fusion_refuses_it():
   src, _ = vector_source()
-  cfg = small(evaluators="retrieval,gap", final_evaluators="retrieval,gap,probes")
+  cfg = small(final=("retrieval", "gap", "probes"))
   cfg.vector_views, cfg.vector_noise = "fourier", 0.1
   r = Runner(cfg, jax.devices()[:1], source=(src, None))
   b = r.ds[0]
@@ -305,7 +310,7 @@ def test_gamma_step_moves_no_embedding_between_devices(data_dir):
 @pytest.mark.slow
 def test_trainer_image_text_resumes_exactly(data_dir, tmp_path):
   cfg = small(data_dir=data_dir, num_steps=6, weights=dict(br=0.5, sep=0.1),
-              final_evaluators="zero_shot")
+              final=("zero_shot",))
   full = train.train_and_evaluate(cfg, str(tmp_path / "full"))
   assert train.train_and_evaluate(cfg, str(tmp_path / "resumed"), stop_at=3)["preempted"]
   resumed = train.train_and_evaluate(cfg, str(tmp_path / "resumed"))

@@ -17,6 +17,7 @@ import pytest
 
 from contrastive_jax import checkpointing
 from contrastive_jax.data import pipeline
+from tests.test_train import eval_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
@@ -39,13 +40,13 @@ def _nothing_listens_on(port: int) -> bool:
 
 # Two-view runs: the default config on sklearn digits with a small MLP.
 TWO_VIEW = ("configs/mnist_gamma.py", "--config.dataset=sklearn_digits",
-            "--config.final_evaluators=knn", "--config.head_hidden=64")
+            *eval_flags("mnist_gamma", final=("knn",)), "--config.head_hidden=64")
 # Image-text runs: small towers on captioned digits, no evaluation (the states are compared).
 # The gamma ITC alone: with the Brownian-bridge and separation terms on, a step over 2 CPU
 # processes takes ~12 s through gloo (vs ~0.3 s without them), and those terms are checked
 # 1 vs 8 devices in test_image_text.py.
 IMAGE_TEXT = ("--config.text.width=32", "--config.text.depth=1",
-              "--config.final_evaluators=")
+              *eval_flags("captions_gamma"))
 
 
 def _train(workdir, data_dir, config, *extra, processes, devices, stop_at=None, timeout=240):
@@ -55,7 +56,7 @@ def _train(workdir, data_dir, config, *extra, processes, devices, stop_at=None, 
   args = [f"--config.data_dir={data_dir}", "--config.batch_size=64",
           f"--config.num_steps={STEPS}", "--config.log_every=1",
           f"--config.checkpoint_every={STOP}", "--config.keep_checkpoints=5",
-          "--config.eval_at_init=False", "--config.eval_limit=200", "--config.progress=False",
+          "--config.eval_limit=200", "--config.progress=False",
           "--config.warmup_steps=2", "--config.proj_dim=32", "--config.data_threads=1", *extra]
   if stop_at is not None:
     args.append(f"--stop_at={stop_at}")

@@ -20,7 +20,7 @@ from contrastive_jax import step as step_lib
 from contrastive_jax import checkpointing
 from contrastive_jax import train
 from contrastive_jax import workdir as workdir_lib
-from tests.test_train import small_config
+from tests.test_train import eval_flags, schedule, small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = [sys.executable, "-m", "contrastive_jax.train",
@@ -95,7 +95,7 @@ def test_good_checkpoints_are_never_rotated_out_by_a_bad_state(data_dir, tmp_pat
 
 def test_skip_nonfinite_keeps_the_state_and_counts_the_steps(data_dir, tmp_path, monkeypatch):
   _nan_from(12, monkeypatch)
-  cfg = small_config(data_dir, num_steps=16, checkpoint_every=100, final_evaluators="",
+  cfg = small_config(data_dir, num_steps=16, checkpoint_every=100, final=(),
                      skip_nonfinite=True)
   train.train_and_evaluate(cfg, str(tmp_path / "w"))
   records = strict_records(str(tmp_path / "w"))
@@ -114,7 +114,7 @@ def trained(data_dir, tmp_path_factory):
   """(config, a workdir stopped at step 20 with checkpoints 10 and 20, the workdir
   of the same run trained to step 30 without a stop)."""
   root = tmp_path_factory.mktemp("trained")
-  cfg = small_config(data_dir, num_steps=30, checkpoint_every=10, final_evaluators="")
+  cfg = small_config(data_dir, num_steps=30, checkpoint_every=10, final=())
   train.train_and_evaluate(cfg, str(root / "full"))
   train.train_and_evaluate(cfg, str(root / "stopped"), stop_at=20)
   return cfg, str(root / "stopped"), str(root / "full")
@@ -235,7 +235,8 @@ def test_an_incompatible_resume_is_refused_and_touches_nothing(trained, tmp_path
   assert json.load(open(os.path.join(work, workdir_lib.LOCK)))["released"]
   # Fields documented as mutable may change: more steps, other evaluation and logging.
   changed = cfg.copy_and_resolve_references()
-  changed.update(dict(num_steps=22, log_every=1, final_evaluators="knn", keep_checkpoints=3))
+  changed.update(dict(num_steps=22, log_every=1, keep_checkpoints=3))
+  changed.evals = schedule(final=("knn",))
   assert train.train_and_evaluate(changed, work)["step"] == 22
 
 
@@ -319,7 +320,7 @@ def test_a_lock_taken_by_another_trainer_is_noticed(tmp_path):
 def _cli(workdir, data_dir, *flags, env_devices=2):
   return [*CLI, "--workdir", str(workdir), "--config.dataset=sklearn_digits",
           f"--config.data_dir={data_dir}", "--config.batch_size=32", "--config.progress=False",
-          "--config.eval_at_init=False", *flags]
+          *eval_flags("mnist_gamma", final=("knn", "rank", "linear_probe")), *flags]
 
 
 def _env(devices=2):
@@ -351,7 +352,7 @@ def test_bad_settings_are_one_line_errors(flags, message, data_dir, tmp_path):
 
 
 def test_a_short_run_with_a_long_warmup_trains(data_dir, tmp_path):
-  cfg = small_config(data_dir, num_steps=3, warmup_steps=100, final_evaluators="")
+  cfg = small_config(data_dir, num_steps=3, warmup_steps=100, final=())
   assert train.train_and_evaluate(cfg, str(tmp_path / "w"))["step"] == 3
 
 
@@ -372,7 +373,7 @@ def test_kill_9_during_async_saves_resumes_bitwise(data_dir, tmp_path):
   uninterrupted run's, bit for bit."""
   steps = 40
   flags = [f"--config.num_steps={steps}", "--config.checkpoint_every=1", "--config.log_every=1",
-           "--config.final_evaluators=", "--config.keep_checkpoints=3"]
+           *eval_flags("mnist_gamma"), "--config.keep_checkpoints=3"]
   rng = np.random.default_rng(12)
   work = str(tmp_path / "killed")
   proc = subprocess.Popen(_cli(work, data_dir, *flags), env=_env(), cwd=ROOT,

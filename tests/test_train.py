@@ -1,5 +1,6 @@
 """Trainer: every loss trains, 1 vs 8 devices, exact resume, SIGTERM, bad input."""
 
+import importlib
 import json
 import os
 import signal
@@ -8,11 +9,12 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from contrastive_jax.configs import mnist_gamma
+from contrastive_jax.configs import base, mnist_gamma
 from contrastive_jax import step as step_lib
 from contrastive_jax import checkpointing
 from contrastive_jax import eval_checkpoint
@@ -30,10 +32,27 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
 
 
-def small_config(data_dir, **overrides):
+def schedule(final=(), at_init=(), every=None) -> ml_collections.ConfigDict:
+  """config.evals that runs `final` at the end, `at_init` before the first step and
+  each evaluator of `every` ({name: steps}) during training."""
+  every = every or {}
+  return base.evals(**{n: dict(final=n in final, at_init=n in at_init, every=every.get(n, 0))
+                       for n in {*final, *at_init, *every}})
+
+
+def eval_flags(config: str, final=(), at_init=()) -> list[str]:
+  """--config.evals.* flags that leave exactly `final` at the end and `at_init` before the
+  first step, for the packaged config named `config`."""
+  evals = importlib.import_module(f"contrastive_jax.configs.{config}").get_config().evals
+  return ([f"--config.evals.{n}.final={n in final}" for n in evals] +
+          [f"--config.evals.{n}.at_init={n in at_init}" for n in evals])
+
+
+def small_config(data_dir, final=("knn", "rank"), at_init=(), every=None, **overrides):
   """The default config's smoke variant (sklearn digits, a small MLP, 20 steps)."""
   cfg = mnist_gamma.get_config("smoke")
-  cfg.update(dict(data_dir=data_dir, final_evaluators="knn,rank"))
+  cfg.data_dir = data_dir
+  cfg.evals = schedule(final, at_init, every)
   cfg.update(overrides)
   return cfg
 
@@ -162,7 +181,7 @@ def test_sigterm_checkpoints_and_next_start_resumes(data_dir, tmp_path):
          "--config", os.path.join(ROOT, "configs", "mnist_gamma.py"), "--workdir", str(workdir),
          "--config.dataset=sklearn_digits", f"--config.data_dir={data_dir}",
          "--config.batch_size=32", "--config.num_steps=100000", "--config.log_every=1",
-         "--config.checkpoint_every=1000000", "--config.eval_at_init=False",
+         "--config.checkpoint_every=1000000", *eval_flags("mnist_gamma", final=("knn", "rank")),
          "--config.progress=False"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
 
@@ -209,3 +228,16 @@ def test_bad_input_is_a_clear_error_and_loses_nothing(data_dir, tmp_path):
   after = {f: open(os.path.join(work, f), "rb").read() for f in before}
   assert before == after
   assert os.listdir(os.path.join(work, "checkpoints"))
+
+
+def test_each_evaluation_runs_on_its_own_schedule(data_dir, tmp_path):
+  """config.evals: kNN every 5 steps, rank every 10, both at init, the probe only at the end."""
+  cfg = small_config(data_dir, num_steps=20, final=("linear_probe",), at_init=("knn", "rank"),
+                     every={"knn": 5, "rank": 10})
+  result = train.train_and_evaluate(cfg, str(tmp_path / "w"))
+  evals = [json.loads(l) for l in open(tmp_path / "w" / "metrics.jsonl")]
+  got = {r["step"]: sorted(k for k in r if k in ("knn_top1", "effective_rank", "linear_top1"))
+         for r in evals if r["phase"] == "eval"}
+  assert got == {0: ["effective_rank", "knn_top1"], 5: ["knn_top1"],
+                 10: ["effective_rank", "knn_top1"], 15: ["knn_top1"]}, got
+  assert set(result) == {"step", "linear_top1", "random_init"}, result

@@ -43,8 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
       heartbeat_timeout_s=100))
   # Logging, evaluation (evaluator names are the task's), checkpoints.
   c.log_every = 50
-  c.eval_every = 0  # > 0: run `evaluators` every this many steps
-  c.eval_at_init = True  # run `evaluators` before the first step
+  # Evaluations, each with its own schedule (as big_vision's config.evals): the task's
+  # evaluator name -> {every: steps (0: not during training), at_init, final}; `evals()`.
+  c.evals = ml_collections.ConfigDict()
   c.eval_limit = config_dict.placeholder(int)  # train examples the probes fit on
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
@@ -73,7 +74,15 @@ def add_loss(c: ml_collections.ConfigDict, name: str, temperature: float) -> Non
 
 # What every smoke variant shrinks (a config adds its own: a small dataset, a small model).
 SMOKE = dict(batch_size=64, num_steps=20, warmup_steps=2, log_every=5, checkpoint_every=10,
-             eval_at_init=False, progress=False, eval_limit=300, data_threads=1, data_workers=0)
+             progress=False, eval_limit=300, data_threads=1, data_workers=0)
+
+
+def evals(**schedules: dict) -> ml_collections.ConfigDict:
+  """config.evals from {evaluator: {"every": steps, "at_init": bool, "final": bool}}; unset
+  keys are every=0 (not during training), at_init=False, final=False."""
+  return ml_collections.ConfigDict({
+      name: {"every": 0, "at_init": False, "final": False, **schedule}
+      for name, schedule in schedules.items()})
 
 
 def variant(c: ml_collections.ConfigDict, arg: Optional[str],
@@ -89,4 +98,6 @@ def variant(c: ml_collections.ConfigDict, arg: Optional[str],
       c[key].update(value)
     else:
       c[key] = value
+  for schedule in c.evals.values():  # no evaluation of the random initialisation
+    schedule.at_init = False
   return c

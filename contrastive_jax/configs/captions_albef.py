@@ -21,5 +21,5 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
       itm_weight=1.0, mlm_weight=1.0, mlm_prob=0.15,
       distill_alpha=0.4))  # ALBEF's: ITC targets (1 - a) one-hot + a momentum softmax
   c.num_steps = 600  # 2 CPU cores: zero-shot still rises here (docs/results.md section 4)
-  c.final_evaluators = "zero_shot,retrieval,gap,probes,fusion"
+  c.evals.fusion = dict(every=0, at_init=False, final=True)
   return base.variant(c, arg, batch_size=32, proj_dim=32, eval_limit=200, text=dict(width=32, depth=1))

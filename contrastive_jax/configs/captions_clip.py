@@ -28,6 +28,7 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   c.num_steps = 800
   c.warmup_steps = 50
   c.eval_limit = 2000  # probes fit on 2000 train images / captions; all 1000 test
-  c.evaluators = "zero_shot,retrieval,gap"
-  c.final_evaluators = "zero_shot,retrieval,gap,probes"
+  c.evals = base.evals(zero_shot=dict(at_init=True, final=True),
+                       retrieval=dict(at_init=True, final=True),
+                       gap=dict(at_init=True, final=True), probes=dict(final=True))
   return base.variant(c, arg, batch_size=32, proj_dim=32, eval_limit=200, text=dict(width=32, depth=1))

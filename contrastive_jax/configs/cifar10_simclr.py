@@ -46,10 +46,8 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   c.data_workers = 4
   c.log_every = 100
   c.checkpoint_every = 2000
-  c.eval_every = 20_000
-  c.eval_at_init = False
   c.eval_batch_size = 1024
   c.knn_k = 200
-  c.evaluators = "knn"
-  c.final_evaluators = "knn,linear_probe,rank"
+  c.evals = base.evals(knn=dict(every=20_000, final=True), linear_probe=dict(final=True),
+                       rank=dict(final=True))
   return base.variant(c, arg, batch_size=16, num_steps=2, eval_limit=32, eval_batch_size=16, knn_k=5, log_every=1, checkpoint_every=2, warmup_steps=1)

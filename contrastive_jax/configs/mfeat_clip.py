@@ -20,7 +20,7 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   c.vector_noise = 0.1  # augmented vector: + N(0, 0.1^2) on the standardised features
   del c.text
   c.eval_limit = None  # all 1600 train examples
-  c.evaluators = "retrieval,gap"
-  c.final_evaluators = "retrieval,gap,probes"
+  c.evals = base.evals(retrieval=dict(at_init=True, final=True),
+                       gap=dict(at_init=True, final=True), probes=dict(final=True))
   return base.variant(c, arg, batch_size=32, proj_dim=32, eval_limit=200)
 

@@ -30,6 +30,6 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   c.proj_dim = 64
   base.add_loss(c, "gamma", temperature=0.1)
   c.knn_k = 20
-  c.evaluators = "knn,rank"  # at init and every eval_every steps
-  c.final_evaluators = "knn,rank,linear_probe"
+  c.evals = base.evals(knn=dict(at_init=True, final=True), rank=dict(at_init=True, final=True),
+                       linear_probe=dict(final=True))
   return base.variant(c, arg, dataset="sklearn_digits", head_hidden=64, proj_dim=32)

@@ -77,10 +77,28 @@ class Task:
 
   min_eval_examples = 10  # fewer cannot give an accuracy worth printing
 
+  def check_evals(self, evals: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the field for a bad config.evals: an evaluator the task
+    lacks, or a schedule other than {every: int >= 0, at_init: bool, final: bool}."""
+    self.check_evaluators(",".join(evals), "evals")
+    for name, schedule in evals.items():
+      every = schedule.get("every", 0)
+      if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+        raise ValueError(f"--config.evals.{name}.every={every!r}: must be an integer >= 0 "
+                         "(0: not during training)")
+      for when in ("at_init", "final"):
+        if not isinstance(schedule.get(when, False), bool):
+          raise ValueError(f"--config.evals.{name}.{when}={schedule.get(when)!r}: must be "
+                           "True or False")
+      unknown = set(schedule) - {"every", "at_init", "final"}
+      if unknown:
+        raise ValueError(f"--config.evals.{name} has no field {sorted(unknown)[0]!r}: its "
+                         "fields are every, at_init and final")
+
   def check_eval(self, cfg: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the field for evaluation settings that would fail or
     mislead only after training: an unknown eval split, too small an eval_limit."""
-    if not (cfg.get("evaluators", "").strip() or cfg.get("final_evaluators", "").strip()):
+    if not cfg.get("evals"):
       return
     splits = pipeline.split_names(self.train_src)
     if splits is not None and cfg.get("eval_split") not in splits:

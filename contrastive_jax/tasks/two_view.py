@@ -46,8 +46,7 @@ class TwoView(base.Task):
 
   def check_eval(self, cfg: ml_collections.ConfigDict) -> None:
     super().check_eval(cfg)
-    names = f"{cfg.evaluators},{cfg.final_evaluators}".split(",")
-    if "knn" in [n.strip() for n in names]:
+    if "knn" in cfg.evals:
       n = len(self.train_src) if cfg.eval_limit is None else min(cfg.eval_limit,
                                                                   len(self.train_src))
       k = cfg.knn_k
