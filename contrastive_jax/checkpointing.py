@@ -12,7 +12,7 @@ finiteness and the fingerprints; a step that fails any check is moved to
 import json
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -113,20 +113,31 @@ def inspect(state: Any, neg_inf_ok: Sequence[str] = ()) -> tuple[dict[str, int],
 # Save and restore.
 
 
-def rotate(mngr: ocp.CheckpointManager, keep: int) -> None:
-  """Waits for the save in flight, then deletes all but the newest `keep` steps.
-  (All processes call it: Orbax's delete is collective.)"""
+class Fenced(RuntimeError):
+  """The fence failed just before a write: another trainer holds the workdir."""
+
+
+def rotate(mngr: ocp.CheckpointManager, keep: int, fence: Callable[[], bool] = lambda: True
+           ) -> None:
+  """Waits for the save in flight, then deletes all but the newest `keep` steps, if
+  `fence()` still holds after the wait (raises Fenced otherwise). (All processes call
+  it: Orbax's delete is collective.)"""
   mngr.wait_until_finished()
-  for step in sorted(mngr.all_steps())[:-keep]:
+  old = sorted(mngr.all_steps())[:-keep]
+  if old and not fence():
+    raise Fenced("the workdir lock was lost: nothing deleted")
+  for step in old:
     mngr.delete(step)
 
 
 def save(mngr: ocp.CheckpointManager, state: dict, data_state: dict, keep: int,
-         neg_inf_ok: Sequence[str] = ()) -> bool:
+         neg_inf_ok: Sequence[str] = (), fence: Callable[[], bool] = lambda: True) -> bool:
   """Saves a finite state at its step (asynchronously) unless that step is saved,
   after completing the previous save and deleting steps beyond the newest `keep`
   (so a good checkpoint is never deleted before a newer one is complete).
 
+  `fence()` is checked again right before each deletion and the save (a trainer paused
+  in here while another took over must not write); Fenced is raised if it fails.
   Returns whether a save started. Raises FloatingPointError (nothing written) if
   any array holds a NaN or inf.
   """
@@ -135,9 +146,11 @@ def save(mngr: ocp.CheckpointManager, state: dict, data_state: dict, keep: int,
   if bad:
     raise FloatingPointError(f"the state at step {step} is not finite in {', '.join(bad[:3])}"
                              f"{' ...' if len(bad) > 3 else ''}: not checkpointed")
-  rotate(mngr, keep)
+  rotate(mngr, keep, fence)
   if step in mngr.all_steps():
     return False
+  if not fence():
+    raise Fenced(f"the workdir lock was lost: step {step} not saved")
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data=ocp.args.JsonSave({**data_state, "fingerprints": fingerprints})))
@@ -236,6 +249,26 @@ def _read(mngr: ocp.CheckpointManager, step: int, only: Optional[tuple[str, ...]
     raise CheckpointError(f"step {step}: {', '.join((changed or bad)[:3])} "
                           f"{'changed since they were saved' if changed else 'hold NaN or inf'}")
   return state
+
+
+def set_aside_unfinished(workdir: workdir_lib.PathLike) -> list[str]:
+  """Moves the checkpoints that were being written when their trainer stopped (Orbax's
+  temporary directories) to workdir/checkpoints.broken/. A trainer that takes over the
+  workdir does this first, so that a paused previous holder cannot complete such a save
+  under it. Returns the names moved."""
+  root = workdir_lib.join(workdir, "checkpoints")
+  if not root.exists():
+    return []
+  moved = []
+  for path in root.iterdir():
+    if ".orbax-checkpoint-tmp" in path.name:
+      target = workdir_lib.join(workdir, "checkpoints.broken")
+      target.mkdir(parents=True, exist_ok=True)
+      path.rename(target / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+      moved.append(path.name)
+  if moved:
+    _warn(f"set aside the unfinished checkpoint(s) {moved} of the previous trainer")
+  return moved
 
 
 def restore_newest_good(workdir: workdir_lib.PathLike, mngr: ocp.CheckpointManager, abstract_state: Any,

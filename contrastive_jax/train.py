@@ -82,6 +82,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: workdir_lib.Path
   try:
     if lead:
       lock.acquire()
+      if lock.took_over:
+        checkpointing.set_aside_unfinished(workdir)
   finally:
     stopping.agree(lock.held or not lead, "take the workdir lock")
   mesh = sharding.make_mesh(cfg)
@@ -200,6 +202,10 @@ class Loop:
     self.tally = jax.device_put(np.array([-1, 0], np.int32),
                                 jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     self.skipped = 0
+    # The lock's check again right before each save and deletion. With several processes
+    # the agreement before a save decides for all (a check on process 0 alone would leave
+    # the others in Orbax's barriers).
+    self.fence = lock.check if jax.process_count() == 1 else (lambda: True)
 
   def record(self, step: int, phase: str, record: dict) -> None:
     """A record through the fenced writer; a failure becomes this process's stop vote."""
@@ -227,13 +233,14 @@ class Loop:
     try:
       started = checkpointing.save(self.mngr, state, {"next_index": int(state["step"]),
                                                       "seed": self.cfg.seed},
-                                   self.cfg.keep_checkpoints, self.task.neg_inf_ok)
+                                   self.cfg.keep_checkpoints, self.task.neg_inf_ok, self.fence)
       self.completed = self.saved  # save() completed the previous save first
       if started:
         self.saved = int(state["step"])
       self.writer.flush()
-    except workdir_lib.LockLost as e:
-      self.stop.request(stopping.FENCED, str(e))
+    except (workdir_lib.LockLost, checkpointing.Fenced):
+      self.stop.request(stopping.FENCED, f"another trainer took the lock of {self.workdir}: "
+                        "this trainer writes nothing more")
     except FloatingPointError:
       raise
     except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many kinds)
@@ -303,7 +310,10 @@ class Loop:
       self.mngr.wait_until_finished()
       self.completed = self.saved
       if self.stop.code != stopping.FENCED:
-        checkpointing.rotate(self.mngr, self.cfg.keep_checkpoints)
+        checkpointing.rotate(self.mngr, self.cfg.keep_checkpoints, self.fence)
+    except checkpointing.Fenced:
+      self.stop.request(stopping.FENCED, f"another trainer took the lock of {self.workdir}: "
+                        "this trainer writes nothing more")
     except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many kinds)
       self.stop.request(stopping.FAIL, f"cannot write the checkpoint in {self.workdir}: "
                         f"{workdir_lib.describe_error(e)}")

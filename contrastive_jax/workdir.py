@@ -274,6 +274,7 @@ class Lock:
     self.path = join(workdir, LOCK)
     self.stale_s, self.heartbeat_s = stale_s, heartbeat_s
     self.token = uuid.uuid4().hex
+    self.took_over = False  # acquired from a trainer whose heartbeat stopped
     self.lost = threading.Event()
     self._beats = 0
     self._mutex = threading.Lock()  # check/refresh from the loop and the heartbeat thread
@@ -364,6 +365,7 @@ class Lock:
             f"if it comes back, it will find the lock taken and write nothing more)")
       write_text(self.path, self._record())
       time.sleep(SETTLE_S)
+      self.took_over = True
       break
     if (self._read() or {}).get("token") != self.token:
       raise WorkdirError(f"workdir {self.workdir}: another trainer took the "
