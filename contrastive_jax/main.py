@@ -206,7 +206,7 @@ def cli() -> None:
     from contrastive_jax import train  # noqa: F401
   except ImportError as e:
     sys.exit(f"error: the trainer needs the 'train' extra ({e.name} is not installed): "
-             "pip install 'contrastive_jax[train]'")
+             "pip install '.[train]' from a checkout")
   _define_flags()
   # absl's --help prints the __main__ module's docstring: add what a run can name.
   sys.modules["__main__"].__doc__ = f"{__doc__}\n{catalogue()}\n"

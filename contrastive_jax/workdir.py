@@ -111,7 +111,7 @@ def make(workdir: PathLike, timeout_s: Optional[float] = None) -> None:
   if isinstance(e, ImportError):
     raise WorkdirError(
         f"workdir {workdir}: {scheme}:// paths need the {_FILESYSTEMS.get(scheme, 'fsspec')} "
-        f"package (pip install 'contrastive_jax[gcs]' for gs://): {e}")
+        f"package (the 'gcs' extra: pip install '.[train,gcs]' from a checkout): {e}")
   why = getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"
   raise WorkdirError(f"workdir {workdir} is not writable: {' '.join(str(why).split())}")
 

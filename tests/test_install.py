@@ -129,7 +129,7 @@ def test_a_plain_install_runs_a_loss_on_jax_alone(tmp_path):
   assert cli.returncode == 1 and "Traceback" not in cli.stderr, cli.stderr[-2000:]
   assert cli.stderr.strip().splitlines() == [
       "error: the trainer needs the 'train' extra (absl is not installed): "
-      "pip install 'contrastive_jax[train]'"], cli.stderr
+      "pip install '.[train]' from a checkout"], cli.stderr
 
 
 def _copy_project(dest):
