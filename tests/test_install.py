@@ -21,6 +21,11 @@ def _project() -> dict:
     return tomllib.load(f)["project"]
 
 
+def _project_version(freeze: str) -> str:
+  """The installed version of contrastive_jax in `pip list --format=freeze` output."""
+  return re.search(r"^contrastive[-_]jax==(\S+)$", freeze, re.M).group(1)
+
+
 def _names(requirements) -> set[str]:
   """Normalised distribution names of requirement strings (extras of ourselves expanded)."""
   out = set()
@@ -113,6 +118,9 @@ def test_a_plain_install_runs_a_loss_on_jax_alone(tmp_path):
                           text=True, check=True).stdout.lower()
   for absent in ("flax", "tensorflow-datasets", "grain", "optax", "orbax", "tensorboardx"):
     assert absent not in listed, absent
+  version = subprocess.run([python, "-c", "import contrastive_jax; print(contrastive_jax.__version__)"],
+                           cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+  assert version == _project_version(listed), (version, listed)
   code = ("import jax, jax.numpy as jnp; from contrastive_jax import losses as L, metrics; "
           "a = jax.random.normal(jax.random.PRNGKey(0), (8, 4)); b = a + 0.1; "
           "s = L.init_gamma_state(8); "
