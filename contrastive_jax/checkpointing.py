@@ -42,14 +42,12 @@ def _warn(msg: str) -> None:
   print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def manager(workdir: workdir_lib.PathLike, keep: Optional[int] = None) -> ocp.CheckpointManager:
+def manager(workdir: workdir_lib.PathLike) -> ocp.CheckpointManager:
   """Orbax manager of workdir/checkpoints (Orbax writes gs:// itself, through tensorstore).
 
-  Orbax deletes nothing by itself: old steps are removed by `save`, after the
-  trainer's fence, so a trainer that lost its workdir deletes nothing (`keep` is
-  accepted for callers that pass it, and unused).
+  Orbax deletes nothing by itself: old steps are removed by `save` / `rotate`, after
+  the trainer's fence, so a trainer that lost its workdir deletes nothing.
   """
-  del keep
   return ocp.CheckpointManager(
       workdir_lib.join(workdir, "checkpoints"),
       options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
@@ -271,8 +269,9 @@ def set_aside_unfinished(workdir: workdir_lib.PathLike) -> list[str]:
   return moved
 
 
-def restore_newest_good(workdir: workdir_lib.PathLike, mngr: ocp.CheckpointManager, abstract_state: Any,
-                        keep: int, neg_inf_ok: Sequence[str] = ()) -> tuple[Optional[dict], ocp.CheckpointManager]:
+def restore_newest_good(workdir: workdir_lib.PathLike, mngr: ocp.CheckpointManager,
+                        abstract_state: Any, neg_inf_ok: Sequence[str] = ()
+                        ) -> tuple[Optional[dict], ocp.CheckpointManager]:
   """Restores the newest step that passes `restore`'s checks. Each newer step that
   fails gives a warning and, once an older one restores, is moved to
   workdir/checkpoints.broken/ (kept, and out of the way of the next save of that step).
@@ -313,7 +312,7 @@ def restore_newest_good(workdir: workdir_lib.PathLike, mngr: ocp.CheckpointManag
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("moved broken checkpoints")
     mngr.close()
-    mngr = manager(workdir, keep)
+    mngr = manager(workdir)
   return restored, mngr
 
 

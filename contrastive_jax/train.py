@@ -120,8 +120,7 @@ def _start(cfg, workdir, setup, mesh, shardings, mngr) -> tuple[dict, ocp.Checkp
   """The state to start from: the newest good checkpoint, else a fresh one."""
   state = jax.jit(setup.init, out_shardings=shardings)()
   restored, mngr = checkpointing.restore_newest_good(
-      workdir, mngr, jax.tree.map(ocp.utils.to_shape_dtype_struct, state), cfg.keep_checkpoints,
-      setup.task.neg_inf_ok)
+      workdir, mngr, jax.tree.map(ocp.utils.to_shape_dtype_struct, state), setup.task.neg_inf_ok)
   if restored is not None:
     state = restored["state"]
     _print(f"resumed from {workdir} at step {int(state['step'])} "

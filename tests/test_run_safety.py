@@ -175,7 +175,7 @@ def test_a_flipped_byte_is_caught_by_its_fingerprint(trained, tmp_path):
   _break(work, "flipped_bytes")
   setup = step_lib.build(cfg)
   abstract = jax.eval_shape(setup.init)
-  mngr = checkpointing.manager(work, 2)
+  mngr = checkpointing.manager(work)
   with pytest.raises(checkpointing.CheckpointError, match="step 20"):
     checkpointing.restore(mngr, abstract, 20, ("loss_state",))
   assert int(checkpointing.restore(mngr, abstract, 10, ("loss_state",))["state"]["step"]) == 10
