@@ -227,8 +227,7 @@ class MetricWriter:
       return
     if not self.fence():
       self.dead = "lost the workdir lock"
-      raise workdir_lib.LockLost(
-          f"another trainer took the lock of {self.workdir}: this trainer writes nothing more")
+      raise workdir_lib.lost_lock(self.workdir)
     self._io(fn)
 
   def write(self, step: int, phase: str, record: dict) -> None:

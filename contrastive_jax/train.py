@@ -206,6 +206,9 @@ class Loop:
     # the others in Orbax's barriers).
     self.fence = lock.check if jax.process_count() == 1 else (lambda: True)
 
+  def _fenced(self) -> None:
+    self.stop.request(stopping.FENCED, str(workdir_lib.lost_lock(self.workdir)))
+
   def record(self, step: int, phase: str, record: dict) -> None:
     """A record through the fenced writer; a failure becomes this process's stop vote."""
     try:
@@ -225,8 +228,7 @@ class Loop:
     """A checkpoint of state, if every process agrees that the run still owns the workdir."""
     self.skipped = step_lib.check_finite(self.tally, self.skip)
     if self.lead and not self.lock.check():
-      self.stop.request(stopping.FENCED, f"another trainer took the lock of {self.workdir}: "
-                        "this trainer writes nothing more")
+      self._fenced()
     if self.stop.now() == stopping.FENCED:
       return
     try:
@@ -238,8 +240,7 @@ class Loop:
         self.saved = int(state["step"])
       self.writer.flush()
     except (workdir_lib.LockLost, checkpointing.Fenced):
-      self.stop.request(stopping.FENCED, f"another trainer took the lock of {self.workdir}: "
-                        "this trainer writes nothing more")
+      self._fenced()
     except FloatingPointError:
       raise
     except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many kinds)
@@ -249,8 +250,9 @@ class Loop:
   def run(self, state: dict, start: int, stop_at: Optional[int]) -> tuple[dict, int]:
     """Steps from `start` until num_steps, stop_at or an agreed stop -> (state, code)."""
     cfg = self.cfg
-    if start == 0 and due(cfg, "at_init"):
-      self.init_eval = self.evaluate(state, due(cfg, "at_init"))
+    at_init = due(cfg, "at_init")
+    if start == 0 and at_init:
+      self.init_eval = self.evaluate(state, at_init)
       self.record(0, "eval", self.init_eval)
     batches = iter(pipeline.read(self.ds[start:], cfg.data_threads, cfg.get("data_workers", 0)))
     t_last, n_last = time.perf_counter(), start
@@ -261,8 +263,7 @@ class Loop:
         code = stopping.PREEMPT
         break
       if self.lead and self.lock.lost.is_set():
-        self.stop.request(stopping.FENCED, f"another trainer took the lock of {self.workdir}: "
-                          "this trainer writes nothing more")
+        self._fenced()
       code = self.stop.poll()
       if code:
         break
@@ -278,8 +279,9 @@ class Loop:
         t_last, n_last = now, done
       else:
         self.writer.progress.update(done)
-      if done < cfg.num_steps and due(cfg, done):
-        self.record(done, "eval", self.evaluate(state, due(cfg, done)))
+      names = due(cfg, done) if done < cfg.num_steps else ""
+      if names:
+        self.record(done, "eval", self.evaluate(state, names))
         self.writer.progress.restart()
       if done % cfg.checkpoint_every == 0:
         self.save(state)
@@ -311,8 +313,7 @@ class Loop:
       if self.stop.code != stopping.FENCED:
         checkpointing.rotate(self.mngr, self.cfg.keep_checkpoints, self.fence)
     except checkpointing.Fenced:
-      self.stop.request(stopping.FENCED, f"another trainer took the lock of {self.workdir}: "
-                        "this trainer writes nothing more")
+      self._fenced()
     except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many kinds)
       self.stop.request(stopping.FAIL, f"cannot write the checkpoint in {self.workdir}: "
                         f"{workdir_lib.describe_error(e)}")

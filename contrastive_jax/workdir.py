@@ -247,6 +247,11 @@ class LockLost(WorkdirError):
   """This trainer no longer holds the workdir lock: it must write nothing more."""
 
 
+def lost_lock(workdir: PathLike) -> LockLost:
+  """The one-line error of a trainer whose workdir lock another trainer took."""
+  return LockLost(f"another trainer took the lock of {workdir}: this trainer writes nothing more")
+
+
 class Lock:
   """One trainer per workdir, also on shared filesystems (NFS, gcsfuse, gs://)
   where `flock` does not lock across hosts.
