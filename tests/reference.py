@@ -204,3 +204,9 @@ def momentum_distillation(img, txt, img_m, txt_m, t):
     log_p = a - logsumexp(a, axis=1, keepdims=True)
     total += -np.mean(np.sum(q * log_p, axis=1))
   return total / 2
+
+
+def cosine_rate(progress, rate_min, fraction):
+  """FastCLIP's rate: 1 -> rate_min along a half cosine over `fraction` of training."""
+  t = min(max(progress / fraction, 0.0), 1.0)
+  return rate_min + (1.0 - rate_min) * 0.5 * (1.0 + np.cos(np.pi * t))

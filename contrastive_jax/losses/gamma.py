@@ -155,6 +155,8 @@ def gamma_loss(z1: jax.Array, z2: jax.Array, state: dict, index: Optional[jax.Ar
                key: jax.Array, *, temperature: Scalar, shape: float = 1.0, rate_decay: Scalar=0.01,
                max_ratio: float = 100.0, estimator: str = "per_example",
                include_positive: bool = False, update_first: bool = False,
+               rate_schedule: str = "constant", rate_min: float = 0.2,
+               rate_fraction: float = 0.5, progress: Optional[Scalar] = None,
                chunk_size: Optional[int] = None,
                axis_name: Optional[str] = None) -> tuple[jax.Array, dict]:
   """Decomposable gamma-weighted loss, SimCLR layout (2B anchors, two views).
@@ -192,6 +194,12 @@ def gamma_loss(z1: jax.Array, z2: jax.Array, state: dict, index: Optional[jax.Ar
       streams without stable indices only).
     include_positive: count the positive among the negatives (InfoNCE parity).
     update_first: SogCLR's order (update Zhat with the batch, then draw u from it).
+    rate_schedule: "constant" (rate_decay throughout) or "cosine" (FastCLIP's: from 1 to
+      rate_min over the first rate_fraction of training, then rate_min; rate_decay
+      unused); see `common.scheduled_rate`.
+    rate_min, rate_fraction: the cosine schedule's final rate and length.
+    progress: fraction of training done, in [0, 1] (e.g. step / num_steps; traced is
+      fine); cosine only.
     axis_name: mesh axis inside `shard_map`: negatives stay local; only the loss
       mean and the state update (B index/value pairs, or 2 scalars) cross devices.
   Returns:
@@ -217,8 +225,9 @@ def gamma_loss(z1: jax.Array, z2: jax.Array, state: dict, index: Optional[jax.Ar
   lse, pos, n = common.two_view_lse(z1, z2, temperature, None,
                                     exclude_positive=not include_positive, chunk_size=chunk_size)
   log_zb = lse - jnp.log(float(n - 1 if include_positive else n - 2))
+  rate = common.scheduled_rate(rate_decay, rate_schedule, progress, rate_min, rate_fraction)
   return decomposable_loss(log_zb.reshape(2, -1), pos.reshape(2, -1), state, index, key,
-                           shape=shape, rate_decay=rate_decay, max_ratio=max_ratio,
+                           shape=shape, rate_decay=rate, max_ratio=max_ratio,
                            estimator=estimator, update_first=update_first,
                            axis_name=axis_name)
 
@@ -227,6 +236,8 @@ def gamma_clip_loss(img: jax.Array, txt: jax.Array, state: dict, index: Optional
                     key: jax.Array, *, temperature: Scalar, shape: float = 1.0, rate_decay: Scalar=0.01,
                     max_ratio: float = 100.0, estimator: str = "per_example",
                     include_positive: bool = False, update_first: bool = False,
+                    rate_schedule: str = "constant", rate_min: float = 0.2,
+                    rate_fraction: float = 0.5, progress: Optional[Scalar] = None,
                     chunk_size: Optional[int] = None,
                     axis_name: Optional[str] = None) -> tuple[jax.Array, dict]:
   """Decomposable gamma-weighted loss, two-modality (CLIP) layout.
@@ -238,7 +249,8 @@ def gamma_clip_loss(img: jax.Array, txt: jax.Array, state: dict, index: Optional
     loss = mean over the 2b anchors of [ -s_k+ + sg(eps_k / Zhat_k) Zb_k ].
 
   Args:
-    img, txt: [b, D] raw embeddings of paired examples. Others as `gamma_loss`.
+    img, txt: [b, D] raw embeddings of paired examples. Others (the rate schedule too) as
+      `gamma_loss`.
   Returns:
     (float32 scalar loss, new state).
 
@@ -268,6 +280,7 @@ def gamma_clip_loss(img: jax.Array, txt: jax.Array, state: dict, index: Optional
                                   chunk_size=chunk_size)
   pos = common.positive_scores(u_img, u_txt, inv_t)
   log_zb = jnp.stack([rows, cols]) - jnp.log(float(b if include_positive else b - 1))
+  rate = common.scheduled_rate(rate_decay, rate_schedule, progress, rate_min, rate_fraction)
   return decomposable_loss(log_zb, jnp.stack([pos, pos]), state, index, key, shape=shape,
-                           rate_decay=rate_decay, max_ratio=max_ratio, estimator=estimator,
+                           rate_decay=rate, max_ratio=max_ratio, estimator=estimator,
                            update_first=update_first, axis_name=axis_name)

@@ -25,7 +25,8 @@ from contrastive_jax.losses import sigmoid
 from contrastive_jax.losses import sogclr
 
 # Keyword arguments that the trainer supplies per call, not options of the config.
-_PER_CALL = ("temperature", "axis_name")
+# progress (the fraction of training done) drives the rate schedules of stateful losses.
+_PER_CALL = ("temperature", "axis_name", "progress")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +102,9 @@ def make(name: str, opts: Optional[dict] = None,
          num_examples: Optional[int] = None) -> tuple[Callable, Any]:
   """(loss_fn, initial state) of loss `name` with `opts` over its defaults.
 
-  loss_fn(a, b, state, index, key, *, temperature, axis_name=None, a_aug=None,
-  b_aug=None) -> (scalar loss, new state); a, b [B, D] raw embeddings.
+  loss_fn(a, b, state, index, key, *, temperature, axis_name=None, progress=None,
+  a_aug=None, b_aug=None) -> (scalar loss, new state); a, b [B, D] raw embeddings;
+  progress, the fraction of training done, reaches the losses that schedule a rate.
   """
   entry = get(name)
   bound = options(name)
@@ -111,9 +113,10 @@ def make(name: str, opts: Optional[dict] = None,
     raise ValueError(f"loss {name!r} has no option {', '.join(unknown)}: its options are "
                      f"{', '.join(bound) or 'none'}")
   bound.update(opts or {})
+  scheduled = "progress" in inspect.signature(entry.fn).parameters
 
   def loss_fn(a: jax.Array, b: jax.Array, state: Any, index: Optional[jax.Array],
-              key: Optional[jax.Array], *, temperature, axis_name=None,
+              key: Optional[jax.Array], *, temperature, axis_name=None, progress=None,
               a_aug: Optional[jax.Array] = None, b_aug: Optional[jax.Array] = None):
     args = [a, b]
     if entry.augmented:
@@ -125,7 +128,8 @@ def make(name: str, opts: Optional[dict] = None,
       args += [state, index]
     if entry.random:
       args.append(key)
-    out = entry.fn(*args, temperature=temperature, axis_name=axis_name, **bound)
+    extra = {"progress": progress} if scheduled else {}
+    out = entry.fn(*args, temperature=temperature, axis_name=axis_name, **extra, **bound)
     return out if entry.stateful else (out, state)
 
   state = entry.init_state(num_examples, bound) if entry.stateful else {}

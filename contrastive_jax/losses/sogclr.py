@@ -17,7 +17,9 @@ def init_sogclr_state(num_examples: int) -> dict:
 
 
 def sogclr_loss(z1: jax.Array, z2: jax.Array, state: dict, index: jax.Array, *,
-                temperature: float, gamma: float = 0.9, chunk_size: Optional[int] = None,
+                temperature: float, gamma: float = 0.9, rate_schedule: str = "constant",
+                rate_min: float = 0.2, rate_fraction: float = 0.5,
+                progress: Optional[common.Scalar] = None, chunk_size: Optional[int] = None,
                 ring: bool = False, axis_name: Optional[str] = None) -> tuple[jax.Array, dict]:
   """SogCLR: NT-Xent with a per-example moving-average denominator.
 
@@ -34,6 +36,11 @@ def sogclr_loss(z1: jax.Array, z2: jax.Array, state: dict, index: jax.Array, *,
     state: from `init_sogclr_state(N)`; log u per view and dataset example.
     index: [B] int dataset indices of the examples (in [0, N)).
     gamma: weight of the new batch estimate, in (0, 1].
+    rate_schedule: "constant" (gamma throughout) or "cosine" (FastCLIP's schedule of this
+      weight: from 1 to rate_min over the first rate_fraction of training, then rate_min;
+      gamma unused); see `common.scheduled_rate`.
+    rate_min, rate_fraction: the cosine schedule's final weight and length.
+    progress: fraction of training done, in [0, 1] (e.g. step / num_steps); cosine only.
     chunk_size: None (automatic) or the key chunk to stream over: see `streamed`.
     ring: pass key blocks between the devices instead of gathering them.
     axis_name: mesh axis; negatives are gathered (global-negative loss) and the
@@ -58,12 +65,13 @@ def sogclr_loss(z1: jax.Array, z2: jax.Array, state: dict, index: jax.Array, *,
   common.check_embeddings(("z1", "z2"), z1, z2)
   common.check_positive("temperature", temperature)
   common.check_rate("gamma", gamma, allow_zero=False)
+  rate = common.scheduled_rate(gamma, rate_schedule, progress, rate_min, rate_fraction)
   common.check_index(index, z1.shape[0], state["log_u"].shape[1])
   lse, pos, n = common.two_view_lse(z1, z2, temperature, axis_name, exclude_positive=True,
                                     chunk_size=chunk_size, ring=ring)
   b = z1.shape[0]
   log_zb = lse - jnp.log(float(n - 2))
-  log_u_table, log_u = common.update_table(state["log_u"], index, log_zb.reshape(2, b), gamma,
+  log_u_table, log_u = common.update_table(state["log_u"], index, log_zb.reshape(2, b), rate,
                                            axis_name)
   ratio = jax.lax.stop_gradient(jnp.exp(log_zb - log_u.reshape(-1)))
   total = common.global_sum(jnp.sum(ratio * log_zb - pos), axis_name)

@@ -21,9 +21,16 @@ losses' `axis_name`, so a decomposable loss moves no embedding between devices.
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from contrastive_jax.data import pipeline
+
+
+def progress(state: dict, cfg: ml_collections.ConfigDict) -> jax.Array:
+  """The fraction of training done at this step, float32 in [0, 1]: what the rate
+  schedules of stateful losses follow."""
+  return jnp.minimum(state["step"].astype(jnp.float32) / cfg.num_steps, 1.0)
 
 
 class Task:

@@ -146,9 +146,10 @@ class TwoTower(base.Task):
     t, t_itc = self.temperatures(params)
     w = self.cfg.weights
 
-    def local(emb, aug, teacher, t, t_itc, s, index, key):
+    def local(emb, aug, teacher, t, t_itc, s, index, key, progress):
       itc, s = self.loss_fn(emb["img"], emb["txt"], s, index, key, temperature=t_itc,
-                            axis_name=BATCH_AXES, a_aug=aug["img"], b_aug=aug["txt"])
+                            axis_name=BATCH_AXES, progress=progress, a_aug=aug["img"],
+                            b_aug=aug["txt"])
       terms = {"itc": itc, **_regularisers(self.cfg, emb, aug, t, BATCH_AXES)}
       total = itc + sum(w[k] * v for k, v in terms.items() if k != "itc")
       if teacher is not None:
@@ -159,10 +160,11 @@ class TwoTower(base.Task):
       return total, s, terms
 
     rows = P(BATCH_AXES)
-    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, P(), P(), P(), rows, P()),
+    return jax.shard_map(local, mesh=mesh,
+                         in_specs=(rows, rows, rows, P(), P(), P(), rows, P(), P()),
                          out_specs=(P(), P(), P()))(
                              emb, aug, teacher, t, t_itc, state["loss_state"], batch["index"],
-                             key)
+                             key, base.progress(state, self.cfg))
 
   def loss(self, params: Any, state: dict, batch: dict, key: jax.Array, mesh: jax.sharding.Mesh) -> tuple[jax.Array, tuple[dict, dict]]:
     batch = {**batch, "image": aug_lib.to_float(batch["image"])}  # the host sends uint8

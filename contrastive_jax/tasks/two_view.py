@@ -62,9 +62,9 @@ class TwoView(base.Task):
     return {"params": params, "loss_state": self.loss_state}
 
   def loss(self, params: Any, state: dict, batch: dict, key: jax.Array, mesh: jax.sharding.Mesh) -> tuple[jax.Array, tuple[dict, dict]]:
-    def local(z1, z2, s, i, k):
+    def local(z1, z2, s, i, k, progress):
       loss, s = self.loss_fn(z1, z2, s, i, k, temperature=self.cfg.temperature,
-                             axis_name=BATCH_AXES)
+                             axis_name=BATCH_AXES, progress=progress)
       # Monitoring metric: InfoNCE (t = 0.1) over each device's own rows, averaged; a
       # global one would gather the keys that the gamma loss never moves.
       sg = jax.lax.stop_gradient
@@ -81,8 +81,9 @@ class TwoView(base.Task):
     # gather them), and the weight gradient is one all-reduce, not one per view.
     _, z = jax.vmap(self.model.apply, in_axes=(None, 0))(params, jnp.stack(views))
     loss, loss_state, local_infonce = jax.shard_map(
-        local, mesh=mesh, in_specs=(P(BATCH_AXES), P(BATCH_AXES), P(), P(BATCH_AXES), P()),
-        out_specs=(P(), P(), P()))(z[0], z[1], state["loss_state"], batch["index"], key)
+        local, mesh=mesh, in_specs=(P(BATCH_AXES), P(BATCH_AXES), P(), P(BATCH_AXES), P(), P()),
+        out_specs=(P(), P(), P()))(z[0], z[1], state["loss_state"], batch["index"], key,
+                                   base.progress(state, self.cfg))
     return loss, ({"loss_state": loss_state}, {"nt_xent_local": local_infonce})
 
   def eval_data(self, limit: Optional[int]=None) -> Any:
