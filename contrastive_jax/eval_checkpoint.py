@@ -22,15 +22,16 @@ from contrastive_jax.data import pipeline
 
 def load(workdir_path: str, step: Optional[int] = None
          ) -> tuple[ml_collections.ConfigDict, dict, tasks.Task]:
-  """(config, {"params", "step", ...} as NumPy, task) of a workdir's checkpoint, on any
+  """(config, {"step", *task.eval_keys} as NumPy, task) of a workdir's checkpoint, on any
   process count or mesh. Without `step`, the newest checkpoint that reads and passes
   its checks. The task is built on the train split's records (its evaluators fit
   their probes there), read as the evaluators stream them, not cached."""
   cfg = checkpointing.load_config(workdir_path)
-  state = checkpointing.read(workdir_path, step, only=("params", "step"))
   source = pipeline.read_or_fail(cfg.dataset, cfg.data_dir, lambda: pipeline.get_source(
       cfg.dataset, "train", cfg.data_dir))
-  return cfg, state, tasks.get(cfg, source)
+  task = tasks.get(cfg, source)
+  state = checkpointing.read(workdir_path, step, only=("step", *task.eval_keys))
+  return cfg, state, task
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -49,7 +50,7 @@ def main(argv: Optional[list[str]] = None) -> None:
           pipeline.DataError) as e:
     sys.exit(f"error: {e}")
   result = {"step": int(state["step"]),
-            **task.evaluate(state["params"], task.eval_data(cfg.eval_limit), names)}
+            **task.evaluate(task.eval_variables(state), task.eval_data(cfg.eval_limit), names)}
   path = workdir.join(args.workdir, f"eval_{result['step']}.json")
   workdir.write_json(path, result)
   print(json.dumps(workdir.finite_json(result)))

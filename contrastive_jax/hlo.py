@@ -38,3 +38,16 @@ def collective_bytes(hlo: str) -> dict:
   for kind, n in collectives(hlo):
     out[kind] = out.get(kind, 0) + n
   return out
+
+
+_MATMUL = re.compile(r"stablehlo\.(dot_general|convolution)\b.* : \(tensor<([^>]*)>, "
+                     r"tensor<([^>]*)>\) -> tensor<([^>]*)>")
+
+
+def matmul_dtypes(stablehlo: str) -> list[tuple[str, str, str, str]]:
+  """[(op, lhs dtype, rhs dtype, result dtype)] of every dot_general and convolution of a
+  lowered program (`jax.jit(f).lower(*args).as_text()`, StableHLO): the compute dtype the
+  program asks for, before a backend rewrites it (XLA:CPU upcasts bfloat16 dots)."""
+  dtype = lambda t: t.rsplit("x", 1)[-1]
+  return [(m.group(1), dtype(m.group(2)), dtype(m.group(3)), dtype(m.group(4)))
+          for m in _MATMUL.finditer(stablehlo)]

@@ -221,7 +221,8 @@ class Loop:
   def evaluate(self, state: dict, names: str) -> dict:
     if not names.strip():
       return {}
-    return self.task.evaluate(sharding.host_params(state["params"], self.mesh),
+    entries = {k: state[k] for k in self.task.eval_keys}
+    return self.task.evaluate(self.task.eval_variables(sharding.host_params(entries, self.mesh)),
                               self.eval_data(), names)
 
   def save(self, state: dict) -> None:

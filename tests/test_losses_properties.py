@@ -133,6 +133,18 @@ def test_bfloat16_inputs_are_finite_and_close_to_float32():
     np.testing.assert_allclose(bf16[name], f32[name], rtol=3e-2, atol=3e-2, err_msg=name)
 
 
+def test_float64_inputs_are_computed_and_returned_in_float32():
+  """The documented dtype policy (losses/__init__): float64 in, float32 out."""
+  with jax.enable_x64(True):
+    xs = [jax.random.normal(k, (16, 8), jnp.float64)
+          for k in jax.random.split(jax.random.key(5), 4)]
+    assert xs[0].dtype == jnp.float64
+    out = jax.jit(_all_losses)(*xs)
+    for name, value in out.items():
+      assert value.dtype == jnp.float32, name
+      assert jnp.isfinite(value), name
+
+
 @pytest.mark.slow
 def test_zero_vectors_give_finite_values_and_gradients():
   xs = [jax.random.normal(k, (8, 4)) for k in jax.random.split(jax.random.key(5), 4)]

@@ -31,6 +31,10 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
       jitter=(0.4, 0.4, 0.4, 0.1), grayscale_prob=0.2, blur_prob=0.0, blur_sigma=1.0,
       solarize_prob=0.0, noise_std=0.0))
   c.model = "resnet18"  # CIFAR stem: 3x3 conv, no max-pool
+  # The recipe's BatchNorm: statistics of the global batch (both views), running averages
+  # in the state for evaluation.
+  c.norm = "batch"
+  c.dtype = "bfloat16"
   c.head_hidden = 2048
   c.proj_dim = 128
   base.add_loss(c, "nt_xent", temperature=0.5)

@@ -34,6 +34,10 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
       jitter=(0.8, 0.8, 0.8, 0.2), grayscale_prob=0.2, blur_prob=0.5, blur_sigma=2.0,
       solarize_prob=0.1, noise_std=0.0))
   c.model = "resnet50"
+  # The recipe's BatchNorm: statistics of the global batch (both views), running averages
+  # in the state for evaluation.
+  c.norm = "batch"
+  c.dtype = "bfloat16"
   c.head_hidden = 2048
   c.proj_dim = 128
   base.add_loss(c, "nt_xent", temperature=0.1)

@@ -18,6 +18,7 @@ from contrastive_jax.configs import base, imagenet_resnet50
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   c = imagenet_resnet50.get_config()
   c.model = "vit_s16"
+  c.norm = "group"  # not a ResNet: the ViT's own LayerNorm (BatchNorm is for the ResNets)
   c.head_hidden = 4096
   c.proj_dim = 256
   c.temperature = 0.2

@@ -4,6 +4,13 @@ Stateful losses take their state and return `(loss, new_state)`. Every loss
 normalises its raw inputs, works under jit/grad/vmap, and inside `shard_map`
 when given `axis_name` (see `common` for the sharding convention). `registry`
 maps names to losses for trainers.
+
+Dtypes. Inputs may be any floating dtype. Norms, log-sum-exps, the running estimates of
+the stateful losses and every output are float32. The similarity products take their
+operands in the input's dtype and accumulate in float32 (`preferred_element_type`), so
+bfloat16 embeddings keep bfloat16 matmuls. float64 inputs (under `jax_enable_x64`) are
+computed in float32 too and return float32: the references in tests/ are where float64
+lives.
 """
 
 from contrastive_jax.losses import registry

@@ -44,6 +44,8 @@ class Task:
   neg_inf_ok: tuple = ("loss_state",)
   # Config fields of the task's own that may change when a run resumes (evaluation only).
   mutable_on_resume: tuple = ()
+  # The state entries evaluation reads (`eval_variables` makes the model's variables).
+  eval_keys: tuple = ("params",)
 
   def __init__(self, cfg: ml_collections.ConfigDict, train_src):
     self.cfg = cfg
@@ -62,6 +64,10 @@ class Task:
 
   def after_step(self, state: dict) -> dict:
     return state
+
+  def eval_variables(self, state: dict) -> Any:
+    """What `evaluate` takes, from the state entries `eval_keys`: the parameters."""
+    return state["params"]
 
   def eval_data(self, limit: Optional[int]=None) -> Any:
     """Evaluation inputs, loaded once per run (train and eval splits)."""

@@ -75,6 +75,9 @@ class TwoTower(base.Task):
 
   def __init__(self, cfg, train_src, tokenizer=None):
     super().__init__(cfg, train_src)
+    if cfg.get("dtype", "float32") != "float32":
+      raise ValueError(f"--config.dtype={cfg.dtype!r}: the image-text tasks compute in float32 "
+                       "(bfloat16 is for the two-view task's encoders)")
     self.entry = L.registry.get(cfg.loss)
     self.loss_fn, self.loss_state = L.registry.make(
         cfg.loss, cfg.loss_options.get(cfg.loss, {}), len(train_src))

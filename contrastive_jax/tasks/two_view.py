@@ -17,14 +17,19 @@ from contrastive_jax import losses as L
 from contrastive_jax import metrics
 from contrastive_jax.data import augment as aug_lib
 from contrastive_jax.data import pipeline
-from contrastive_jax.models.encoders import get_model
+from contrastive_jax.models import encoders
 from contrastive_jax.sharding import BATCH_AXES
 from contrastive_jax.tasks import base
 
 
 class TwoView(base.Task):
   """cfg: model, head_hidden, proj_dim, augment, loss, temperature, loss_options, knn_k;
-  optional image_size (default: the images' own), eval_crop_fraction, eval_batch_size."""
+  optional image_size (default: the images' own), eval_crop_fraction, eval_batch_size,
+  dtype (compute dtype, default float32), norm (the ResNets': group or batch).
+
+  With norm=batch the state holds the BatchNorm running averages (`batch_stats`): the
+  step normalises each layer by the statistics of the global batch of both views (2B
+  examples) and updates the averages; evaluation normalises with the averages."""
 
   batch_keys = ("view1", "view2", "index")
   mutable_on_resume = ("knn_k",)
@@ -32,7 +37,12 @@ class TwoView(base.Task):
 
   def __init__(self, cfg, train_src):
     super().__init__(cfg, train_src)
-    self.model = get_model(cfg.model, cfg.head_hidden, cfg.proj_dim)
+    self.batch_norm = cfg.get("norm", "group") == "batch"
+    self.model = encoders.get_model(cfg.model, cfg.head_hidden, cfg.proj_dim,
+                                    dtype=cfg.get("dtype", "float32"),
+                                    norm=cfg.get("norm", "group"), axis_name=encoders.VIEWS_AXIS)
+    if self.batch_norm:
+      self.eval_keys = ("params", "batch_stats")
     self.loss_fn, self.loss_state = L.registry.make(
         cfg.loss, cfg.loss_options.get(cfg.loss, {}), len(train_src))
     if L.registry.get(cfg.loss).augmented:
@@ -58,8 +68,30 @@ class TwoView(base.Task):
     return pipeline.TwoViews(self.train_src, self.augment, self.size, self.channels)
 
   def init(self, key: jax.Array) -> dict:
-    params = self.model.init(key, jnp.zeros((1,) + tuple(self.image_shape), jnp.float32))
-    return {"params": params, "loss_state": self.loss_state}
+    variables = self.model.init(key, jnp.zeros((1,) + tuple(self.image_shape), jnp.float32),
+                                train=False)
+    state = {"params": {"params": variables["params"]}, "loss_state": self.loss_state}
+    if self.batch_norm:
+      state["batch_stats"] = variables["batch_stats"]
+    return state
+
+  def eval_variables(self, state: dict) -> Any:
+    """The model's variables for evaluation: parameters, and BatchNorm's averages."""
+    if self.batch_norm:
+      return {**state["params"], "batch_stats": state["batch_stats"]}
+    return state["params"]
+
+  def embed_views(self, params: Any, state: dict, views: jax.Array) -> tuple[jax.Array, dict]:
+    """Projections z [2, B, P] of both views [2, B, H, W, C], one apply mapped over the
+    views, and the state updates (BatchNorm's averages, from both views' statistics)."""
+    if not self.batch_norm:
+      _, z = jax.vmap(self.model.apply, in_axes=(None, 0))(params, views)
+      return z, {}
+    variables = {**params, "batch_stats": state["batch_stats"]}
+    apply = lambda v: self.model.apply(variables, v, train=True, mutable=["batch_stats"])
+    (_, z), new = jax.vmap(apply, axis_name=encoders.VIEWS_AXIS)(views)
+    # Both views computed the same averages (their statistics are shared): keep one.
+    return z, {"batch_stats": jax.tree.map(lambda a: a[0], new["batch_stats"])}
 
   def loss(self, params: Any, state: dict, batch: dict, key: jax.Array, mesh: jax.sharding.Mesh) -> tuple[jax.Array, tuple[dict, dict]]:
     def local(z1, z2, s, i, k, progress):
@@ -79,12 +111,12 @@ class TwoView(base.Task):
     # Both views in one apply, mapped over a new leading axis: every device keeps its own
     # rows (concatenating two batch-sharded arrays is not batch-sharded, and GSPMD would
     # gather them), and the weight gradient is one all-reduce, not one per view.
-    _, z = jax.vmap(self.model.apply, in_axes=(None, 0))(params, jnp.stack(views))
+    z, updates = self.embed_views(params, state, jnp.stack(views))
     loss, loss_state, local_infonce = jax.shard_map(
         local, mesh=mesh, in_specs=(P(BATCH_AXES), P(BATCH_AXES), P(), P(BATCH_AXES), P(), P()),
         out_specs=(P(), P(), P()))(z[0], z[1], state["loss_state"], batch["index"], key,
                                    base.progress(state, self.cfg))
-    return loss, ({"loss_state": loss_state}, {"nt_xent_local": local_infonce})
+    return loss, ({"loss_state": loss_state, **updates}, {"nt_xent_local": local_infonce})
 
   def eval_data(self, limit: Optional[int]=None) -> Any:
     """The (train, test) sources and the limit: nothing is loaded until an evaluation
@@ -96,7 +128,8 @@ class TwoView(base.Task):
     train_src, test_src, limit = data
     transform = pipeline.EvalImage(self.size, self.channels,
                                    self.cfg.get("eval_crop_fraction", 1.0))
-    features = lambda p, x: self.model.apply(p, aug_lib.to_float(x))[0]
+    features = lambda p, x: self.model.apply(p, aug_lib.to_float(x), train=False)[0].astype(
+        jnp.float32)
     embed = lambda src: evaluate.embed_batches(features, params, pipeline.eval_batches(
         src, transform, self.cfg.get("eval_batch_size", 256), limit,
         threads=max(1, self.cfg.get("data_threads", 2))))
