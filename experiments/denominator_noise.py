@@ -36,7 +36,8 @@ def embeddings(workdir: str, step=None) -> tuple[np.ndarray, float]:
   cfg, state, task = eval_checkpoint.load(workdir, step)
   transform = pipeline.EvalImage(task.size, task.channels)
   z, _ = evaluate.embed_batches(
-      lambda p, x: task.model.apply(p, augment.to_float(x))[1], state["params"],
+      lambda p, x: task.model.apply(p, augment.to_float(x), train=False)[1],
+      task.eval_variables(state),
       pipeline.eval_batches(task.train_src, transform, 256, threads=1))
   return z / np.linalg.norm(z, axis=1, keepdims=True), float(cfg.temperature)
 
