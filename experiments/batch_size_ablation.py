@@ -612,8 +612,9 @@ def main():
       row = fut.result()
       print(f"[{i}/{len(runs)} {time.perf_counter() - t0:6.0f}s] {row['dataset']} "
             f"{row['loss']:>13} b={row['batch_size']:<4} t={row['temperature']:g} "
-            f"steps {row['num_steps']:<6} seed {row['seed']}: kNN {100 * row['knn_top1']:.2f} "
-            f"({row['wall_s']:.0f} s)", flush=True)
+            f"steps {row['num_steps']:<6} seed {row['seed']}: " +
+            ", ".join(f"{m} {100 * row[m]:.2f}" for m in args.metrics if row.get(m) is not None) +
+            f" ({row['wall_s']:.0f} s)", flush=True)
   except KeyboardInterrupt:
     # Ctrl-C reached the workers' trainers too: they checkpoint and exit; wait for that.
     print("interrupted: waiting for running configurations to checkpoint; rerun the same "
