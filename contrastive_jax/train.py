@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from contrastive_jax import checkpointing
+from contrastive_jax import export
 from contrastive_jax import sharding
 from contrastive_jax import step as step_lib
 from contrastive_jax import stopping
@@ -125,6 +126,13 @@ def _start(cfg, workdir, setup, mesh, shardings, mngr) -> tuple[dict, ocp.Checkp
     state = restored["state"]
     _print(f"resumed from {workdir} at step {int(state['step'])} "
            f"(data iterator at batch {restored['data']['next_index']})")
+  elif cfg.get("init_from"):
+    if cfg.task != "two_view":
+      raise ValueError(f"--config.init_from: task {cfg.task!r} cannot start from an exported "
+                       "encoder (two_view can)")
+    state = export.initialise(state, cfg.init_from, cfg.get("init_head", True))
+    _print(f"initialised the {'encoder and head' if cfg.get('init_head', True) else 'encoder'} "
+           f"from {cfg.init_from}")
   if cfg.num_steps < int(state["step"]):
     raise ValueError(f"--config.num_steps={cfg.num_steps} is below the step of the checkpoint "
                      f"in {workdir} ({int(state['step'])}): set it to {int(state['step'])} or more")

@@ -13,7 +13,6 @@ import argparse
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx

@@ -25,6 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
   # recent GPUs: twice the matmul rate, half the activation memory). Parameters, the
   # optimiser state, the losses' reductions and their state and the metrics stay float32.
   c.dtype = "float32"
+  # Start a new run from an exported encoder (contrastive-jax-export) or another run's
+  # workdir, with a fresh optimiser; init_head=False keeps this run's random projection head.
+  c.init_from = config_dict.placeholder(str)
+  c.init_head = True
   # Optimisation.
   c.batch_size = 128
   c.num_steps = 1500
