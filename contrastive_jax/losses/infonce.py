@@ -132,6 +132,7 @@ def dcl_loss(z1: jax.Array, z2: jax.Array, *, temperature: float, weighted: bool
   Args:
     z1, z2: [B, D] raw embeddings of two views.
     temperature: > 0. sigma: > 0, DCLW's von Mises-Fisher scale.
+    axis_name: mesh axis to gather negatives over inside `shard_map`.
   Returns:
     float32 scalar.
 

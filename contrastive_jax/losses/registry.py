@@ -102,8 +102,8 @@ def make(name: str, opts: Optional[dict] = None,
          num_examples: Optional[int] = None) -> tuple[Callable, Any]:
   """(loss_fn, initial state) of loss `name` with `opts` over its defaults.
 
-  loss_fn(a, b, state, index, key, *, temperature, axis_name=None, progress=None,
-  a_aug=None, b_aug=None) -> (scalar loss, new state); a, b [B, D] raw embeddings;
+  ``loss_fn(a, b, state, index, key, *, temperature, axis_name=None, progress=None,
+  a_aug=None, b_aug=None) -> (scalar loss, new state)``; a, b [B, D] raw embeddings;
   progress, the fraction of training done, reaches the losses that schedule a rate.
   """
   entry = get(name)
