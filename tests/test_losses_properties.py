@@ -63,8 +63,8 @@ def test_gamma_gradient_is_unbiased_and_minibatch_infonce_is_not():
   g_full = jnp.concatenate([g_full[0].ravel(), g_full[1].ravel()])
   state = {"log_z": _exact_log_z(p1, p2)}  # exact denominators, held fixed (rate 0)
 
-  gamma = _mc_gradients(lambda a, b, idx, key: L.gamma_loss(
-      a, b, state, idx, key, temperature=T, rate_decay=0.0)[0])
+  gamma = _mc_gradients(lambda a, b, idx, key: L.gamma_loss(  # the paper's form: eps drawn
+      a, b, state, idx, key, temperature=T, shape=1.0, rate_decay=0.0)[0])
   infonce = _mc_gradients(lambda a, b, idx, key: L.dcl_loss(a, b, temperature=T))
   gamma_bias, gamma_noise = _relative_bias(gamma, g_full)
   infonce_bias, infonce_noise = _relative_bias(infonce, g_full)
@@ -212,6 +212,21 @@ def test_bad_input_errors_name_argument_and_shapes(call, match):
   z = jax.random.normal(jax.random.key(8), (2, 8, 4))
   with pytest.raises((ValueError, TypeError), match=match):
     jax.jit(lambda: call(z))()
+
+
+def test_gamma_defaults_train_and_need_no_key_at_shape_inf():
+  """The library's gamma defaults are the trainer's (rate 0.5, eps = 1 for two views), and
+  eps = 1 needs no key; a drawn eps without a key is a clear error."""
+  assert L.registry.options("gamma")["rate_decay"] == 0.5
+  assert L.registry.options("gamma")["shape"] == float("inf")
+  assert L.registry.options("gamma_clip")["rate_decay"] == 0.5
+  z1, z2 = jax.random.normal(jax.random.key(0), (2, 8, 4))
+  state = L.init_gamma_state(8)
+  with_key = L.gamma_loss(z1, z2, state, jnp.arange(8), jax.random.key(3), temperature=0.2)
+  without = L.gamma_loss(z1, z2, state, jnp.arange(8), temperature=0.2)
+  jax.tree.map(np.testing.assert_array_equal, with_key, without)
+  with pytest.raises(L.OptionError, match="give a PRNG key"):
+    L.gamma_clip_loss(z1, z2, state, jnp.arange(8), temperature=0.2)
 
 
 @pytest.mark.parametrize("name", ["gamma", "sogclr"])

@@ -51,14 +51,6 @@ class Entry:
 
 
 _gamma_state = lambda n, o: gamma.init_gamma_state(n, o["estimator"])
-# Each per-example entry is refreshed once an epoch: a small rate leaves it stale
-# (gamma_clip at 0.01 barely trains on captioned digits: held-out InfoNCE 3.46 vs 0.31).
-_GAMMA_DEFAULTS = {"rate_decay": 0.5}
-# The E-step's draw eps never changes the expected gradient, it only adds variance
-# (a^2 / shape): the two-view trainer uses its mean (shape = inf, the deterministic EM),
-# +1.14 kNN points [+0.35, +1.93] over shape 1 at batch 16 (MNIST, 5 seeds, equal epochs;
-# docs/results.md section 2). gamma_clip keeps shape 1: not re-measured there.
-_GAMMA_TWO_VIEW_DEFAULTS = {**_GAMMA_DEFAULTS, "shape": float("inf")}
 
 LOSSES: dict[str, Entry] = {
     "nt_xent": Entry(infonce.nt_xent),
@@ -67,10 +59,10 @@ LOSSES: dict[str, Entry] = {
     "l_con": Entry(infonce.modality_contrastive_loss, augmented=True),
     "sigmoid": Entry(sigmoid.sigmoid_loss, defaults={"bias": -5.0}),  # -1/(2 t) at t = 0.1
     "sogclr": Entry(sogclr.sogclr_loss, init_state=lambda n, o: sogclr.init_sogclr_state(n)),
-    "gamma": Entry(gamma.gamma_loss, init_state=_gamma_state, random=True,
-                   defaults=_GAMMA_TWO_VIEW_DEFAULTS),
-    "gamma_clip": Entry(gamma.gamma_clip_loss, init_state=_gamma_state, random=True,
-                        defaults=_GAMMA_DEFAULTS),
+    # Their defaults (rate 0.5; eps = 1 for two views, shape 1 for gamma_clip: not
+    # re-measured there) are the functions' own: see gamma.gamma_loss.
+    "gamma": Entry(gamma.gamma_loss, init_state=_gamma_state, random=True),
+    "gamma_clip": Entry(gamma.gamma_clip_loss, init_state=_gamma_state, random=True),
 }
 
 
