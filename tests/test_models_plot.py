@@ -36,3 +36,13 @@ def test_plots_are_written(tmp_path):
   out = plot.plot_modalities(rng.normal(size=(20, 4)), rng.normal(size=(20, 4)),
                              str(tmp_path / "gap.png"), labels=rng.integers(0, 3, 20))
   assert (tmp_path / "gap.png").stat().st_size > 1000 and out.endswith("gap.png")
+
+
+def test_parameter_layout_is_stable():
+  """Checkpoints name the head's layers Dense_0 (projection) and Dense_1 (hidden): a change
+  of creation order would swap them, break every resume and change every seed's init."""
+  model = get_model("mlp", head_hidden=48, proj_dim=16)
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, 8, 8, 1)))["params"]
+  assert params["Dense_0"]["kernel"].shape == (48, 16)
+  assert params["Dense_1"]["kernel"].shape == (256, 48)
+  assert params["encoder"]["Dense_0"]["kernel"].shape == (64, 512)

@@ -152,8 +152,11 @@ class ContrastiveModel(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     features = self.encoder(x.astype(self.dtype), train)
+    # The projection is created first, so it is Dense_0 and the hidden layer Dense_1: the
+    # names (and so the initialisation) that every checkpoint so far holds.
+    projection = nn.Dense(self.proj_dim, dtype=self.dtype)
     hidden = nn.relu(nn.Dense(self.head_hidden, dtype=self.dtype)(features))
-    return features, nn.Dense(self.proj_dim, dtype=self.dtype)(hidden)
+    return features, projection(hidden)
 
 
 # name -> (dtype, norm, axis_name) -> encoder; only the ResNets take a norm.
