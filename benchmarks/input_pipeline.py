@@ -142,8 +142,8 @@ def jpeg_row(quick: bool) -> dict:
   pipeline.get_source = lambda name, *a, **k: (source if name == "jpeg224"
                                                else real_get_source(name, *a, **k))
   cfg = imagenet_resnet50.get_config()
-  cfg.update(dict(dataset="jpeg224", model="small_cnn", head_hidden=512, batch_size=32,
-                  data_threads=2, data_workers=0))
+  cfg.update(dict(dataset="jpeg224", model="small_cnn", norm="group", head_hidden=512,
+                  batch_size=32, data_threads=2, data_workers=0))
   task = step_lib.build(cfg).task
   per_worker = {}
   for workers in (1, 2):  # grain worker processes

@@ -18,7 +18,7 @@ done
 pip=(python3 -m pip)
 rm -rf .whl && mkdir -p .whl
 for name in "${LACKING[@]}"; do
-  pattern="^$(echo "$name" | tr 'A-Z' 'a-z' | sed 's/[-_]/[-_]/g')=="
+  pattern="^$(echo "$name" | tr '[:upper:]' '[:lower:]' | sed 's/[-_]/[-_]/g')=="
   pin=$(grep -i "$pattern" constraints.txt | head -1)
   [ -n "$pin" ] || { echo "no version of $name in constraints.txt" >&2; exit 1; }
   if ! "${pip[@]}" download -q --no-deps --only-binary=:all: --python-version 3.12 \
@@ -28,5 +28,5 @@ for name in "${LACKING[@]}"; do
 done
 ls .whl
 size=$(du -sm .whl | cut -f1)
-echo "$(ls .whl | wc -l) wheels, ${size} MiB in .whl/ (the device tool carries at most 64 MiB)"
+echo "$(find .whl -name '*.whl' | wc -l) wheels, ${size} MiB in .whl/ (the device tool carries at most 64 MiB)"
 [ "$size" -lt 60 ] || { echo "too large to travel with the tree" >&2; exit 1; }

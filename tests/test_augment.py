@@ -123,7 +123,8 @@ def test_a_tfds_jpeg_dataset_reaches_the_host_encoded_and_trains(tmp_path):
   assert pipeline.channels_of(src) == 3
   cfg = imagenet_resnet50.get_config()
   cfg.update(dict(dataset="jpeg_images", data_dir=data_dir, eval_split="test", image_size=24,
-                  model="small_cnn", head_hidden=32, proj_dim=16, batch_size=16, num_steps=2,
+                  model="small_cnn", norm="group", head_hidden=32, proj_dim=16, batch_size=16,
+                  num_steps=2,
                   warmup_steps=1, log_every=1, checkpoint_every=2, eval_limit=None,
                   eval_batch_size=8, knn_k=3, data_workers=0, data_threads=1, progress=False))
   cfg.evals = base.evals(knn=dict(final=True))
