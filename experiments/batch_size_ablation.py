@@ -627,9 +627,10 @@ def main():
   slots = ctx.Queue()
   for i in range(args.workers):
     slots.put(i)
-  # A fresh worker every 50 runs bounds what one process accumulates (compiled programs).
+  # Workers live for the whole sweep: each holds one device slice for good (a recycled
+  # worker would wait forever for a slice its predecessor never gave back).
   pool = concurrent.futures.ProcessPoolExecutor(
-      args.workers, mp_context=ctx, initializer=_worker_init, max_tasks_per_child=50,
+      args.workers, mp_context=ctx, initializer=_worker_init,
       initargs=(slots, args.devices_per_run, args.threads,
                 os.path.join(os.path.abspath(args.out), "jax_cache")))
   threads = concurrent.futures.ThreadPoolExecutor(args.workers)  # each waits on one run
