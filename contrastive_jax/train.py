@@ -361,12 +361,15 @@ def _final_eval(cfg, workdir, loop: Loop, state, start: int) -> dict:
   signal abandons it in a single process (the checkpoint is saved: the same command
   evaluates it); several processes finish it, since it runs collectives."""
   step = int(state["step"])
+  names = due(cfg, "final")
   try:
     if jax.process_count() == 1:
       loop.stop.interruptible = True
       if loop.stop.code:  # the signal came between the last save and here
         raise stopping.Interrupted(loop.stop.reason)
-    result = {"step": step, **loop.evaluate(state, due(cfg, "final"))}
+    if names:  # on a large split this takes minutes: say what runs
+      _print(f"final evaluation of step {step}: {names}")
+    result = {"step": step, **loop.evaluate(state, names)}
     loop.stop.interruptible = False
   except stopping.Interrupted:
     _print(f"stopped during the final evaluation: checkpoint saved at step {step} in {workdir}; "
