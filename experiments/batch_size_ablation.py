@@ -414,79 +414,77 @@ def _grid(n: int):
   return plt, fig, axes.flat
 
 
-def plot_epochs(summary: list, path: str) -> None:
-  """kNN against the epoch budget, one line per configuration (loss at batch), mean and
-  95 % interval; one panel per dataset, protocol and temperature, at most 3 a row."""
-  panels = _panels(summary)
-  if not panels:
+def _plot_against_epochs(summary: list, path: str, series, ylabel: str, title: str,
+                        suptitle: str, zero_line: bool = False) -> None:
+  """One panel per dataset, protocol and temperature (at most 3 a row), one line per
+  series: series(groups) -> {label: [(budget epochs, {"mean", "low", "high", "n"})]},
+  drawn as the mean and its 95 % interval in points, side by side at each budget."""
+  panels = {k: series(groups) for k, groups in _panels(summary).items()}
+  if not any(panels.values()):
     return
   plt, fig, axes = _grid(len(panels))
-  for ax, ((dataset, protocol, t), groups) in zip(axes, panels.items()):
-    configs = dict.fromkeys((c["loss"], c["batch_size"]) for g in groups for c in g["cells"])
-    n = max(c["n"] for g in groups for c in g["cells"])
-    for i, (loss, b) in enumerate(configs):
-      pts = sorted((g["budget_epochs"], c) for g in groups for c in g["cells"]
-                   if (c["loss"], c["batch_size"]) == (loss, b))
-      x = np.array([e for e, _ in pts]) * 1.03 ** (i - len(configs) / 2)  # side by side
+  # One colour a label in every panel (a panel may lack some series).
+  colours = {label: f"C{i % 10}" for i, label in enumerate(
+      dict.fromkeys(label for lines in panels.values() for label in lines))}
+  legend = {}
+  for ax, ((dataset, protocol, t), lines) in zip(axes, panels.items()):
+    for i, (label, pts) in enumerate(lines.items()):
+      pts = sorted(pts, key=lambda p: p[0])
+      x = np.array([e for e, _ in pts]) * 1.03 ** (i - len(lines) / 2)
       mean = np.array([c["mean"] for _, c in pts]) * 100
       err = np.array([[c["mean"] - c["low"], c["high"] - c["mean"]] for _, c in pts]).T * 100
-      ax.errorbar(x, mean, yerr=np.nan_to_num(err, posinf=0.0), marker="o", ms=3, capsize=2,
-                  lw=1, label=f"{loss}({b})", ls="-" if len(pts) > 1 else "none")
+      legend[label] = ax.errorbar(x, mean, yerr=np.nan_to_num(err, posinf=0.0), marker="o",
+                                  ms=3, capsize=2, lw=1, color=colours[label],
+                                  ls="-" if len(pts) > 1 else "none")
+    if zero_line:
+      ax.axhline(0.0, color="k", lw=0.8)
+    budgets_ = sorted({e for pts in lines.values() for e, _ in pts})
     ax.set_xscale("log")
-    budgets_ = sorted({g["budget_epochs"] for g in groups})
     ax.set_xticks(budgets_, [f"{e:g}" for e in budgets_])
     ax.minorticks_off()
     ax.set_xlabel("epoch budget" if protocol == "equal_epochs" else
-                  "epoch budget (steps of that many epochs at the reference batch)")
-    ax.set_ylabel(METRIC_NAMES.get(groups[0]["metric"], groups[0]["metric"]))
-    ax.set_title(f"{dataset}, {protocol}, t = {t:g}\nmean, 95 % CI, n = {n} seeds", fontsize=9)
+                  "steps of this many epochs at the reference batch")
+    ax.set_ylabel(ylabel)
+    n = max((c["n"] for pts in lines.values() for _, c in pts), default=0)
+    ax.set_title(f"{dataset}, {protocol}, t = {t:g}\n{title}, n = {n} seeds", fontsize=9)
     ax.grid(alpha=0.3)
-  handles, labels = axes[0].get_legend_handles_labels()
-  fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
-  fig.suptitle("Accuracy against training length, every batch of the baseline\nand the "
-               "small-batch losses", fontsize=10)
-  fig.tight_layout(rect=(0, 0.07, 1, 0.97))
+  legend = {label: legend[label] for label in colours}
+  fig.legend(list(legend.values()), list(legend), loc="lower center",
+             ncol=min(len(legend), 5), fontsize=8)
+  fig.suptitle(suptitle, fontsize=10)
+  fig.tight_layout(rect=(0, 0.04 + 0.05 * math.ceil(len(legend) / 5), 1, 0.97))
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def plot_epochs(summary: list, path: str) -> None:
+  """The metric against the epoch budget, one line per configuration (loss at batch)."""
+  def series(groups):
+    out = {}
+    for g in groups:
+      for c in g["cells"]:
+        out.setdefault(f"{c['loss']}({c['batch_size']})", []).append((g["budget_epochs"], c))
+    return out
+  metric = summary[0]["metric"] if summary else "knn_top1"
+  _plot_against_epochs(summary, path, series, METRIC_NAMES.get(metric, metric), "mean, 95 % CI",
+                       "Accuracy against training length, every batch of the baseline\nand "
+                       "the small-batch losses")
 
 
 def plot_differences(summary: list, path: str, loss: str = "gamma_inf") -> None:
   """The paired differences of `loss` at its batch against the others, against the epoch
-  budget: mean and 95 % interval, with the zero line a win must clear."""
-  panels = _panels(summary)
-  if not any(c["a"][0] == loss for g in summary for c in g["comparisons"]):
-    return
-  plt, fig, axes = _grid(len(panels))
-  for ax, ((dataset, protocol, t), groups) in zip(axes, panels.items()):
-    labels = dict.fromkeys(c["comparison"] for g in groups for c in g["comparisons"]
-                           if c["a"][0] == loss)
-    n = 0
-    for i, label in enumerate(labels):
-      pts = sorted((g["budget_epochs"], c) for g in groups for c in g["comparisons"]
-                   if c["comparison"] == label)
-      n = max(n, *(c["n"] for _, c in pts))
-      x = np.array([e for e, _ in pts]) * 1.03 ** (i - len(labels) / 2)
-      mean = np.array([c["mean"] for _, c in pts]) * 100
-      err = np.array([[c["mean"] - c["low"], c["high"] - c["mean"]] for _, c in pts]).T * 100
-      ax.errorbar(x, mean, yerr=np.nan_to_num(err, posinf=0.0), marker="o", ms=3, capsize=2,
-                  lw=1, label=label, ls="-" if len(pts) > 1 else "none")
-    ax.axhline(0.0, color="k", lw=0.8)
-    ax.set_xscale("log")
-    budgets_ = sorted({g["budget_epochs"] for g in groups})
-    ax.set_xticks(budgets_, [f"{e:g}" for e in budgets_])
-    ax.minorticks_off()
-    ax.set_xlabel("epoch budget")
-    ax.set_ylabel(f"{loss} minus the other, points")
-    ax.set_title(f"{dataset}, {protocol}, t = {t:g}\npaired by seed, 95 % CI, n = {n}",
-                 fontsize=9)
-    ax.grid(alpha=0.3)
-  handles, labels = axes[0].get_legend_handles_labels()
-  fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
-  fig.suptitle(f"{loss} at a small batch against the baseline at 1, 2 and 4 times the "
-               "batch\n(and SogCLR): above 0 is a win", fontsize=10)
-  fig.tight_layout(rect=(0, 0.08, 1, 0.97))
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  budget, with the zero line a win must clear."""
+  def series(groups):
+    out = {}
+    for g in groups:
+      for c in g["comparisons"]:
+        if c["a"][0] == loss:
+          out.setdefault(c["comparison"], []).append((g["budget_epochs"], c))
+    return out
+  _plot_against_epochs(summary, path, series, f"{loss} minus the other, points",
+                       "paired by seed, 95 % CI",
+                       f"{loss} at a small batch against the baseline at 1, 2 and 4 times the "
+                       "batch\n(and SogCLR): above 0 is a win", zero_line=True)
 
 
 # -- command line ----------------------------------------------------------------------
