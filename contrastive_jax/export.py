@@ -30,28 +30,13 @@ FORMAT = 1
 MODEL_JSON = "model.json"
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in tree.items():
-    key = f"{prefix}/{k}" if prefix else str(k)
-    out.update(_flatten(v, key) if isinstance(v, dict) else {key: np.asarray(v, np.float32)})
-  return out
-
-
-def _unflatten(flat: dict) -> dict:
-  tree: dict = {}
-  for key, value in flat.items():
-    *parents, leaf = key.split("/")
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
-
-
 def _split(variables: dict) -> tuple[dict, dict]:
-  """(encoder variables, head variables) of a two-view model's variables."""
+  """(encoder variables, head variables) of an encoder-and-head model's variables
+  (`models.encoders.ContrastiveModel`); ValueError for another model."""
   params = dict(variables["params"])
+  if "encoder" not in params:
+    raise ValueError("export and --config.init_from take a model of one encoder and a "
+                     f"projection head (the two-view task's); this one has {sorted(params)}")
   encoder = {"params": params.pop("encoder")}
   if "batch_stats" in variables:
     encoder["batch_stats"] = variables["batch_stats"]["encoder"]
@@ -63,9 +48,6 @@ def from_workdir(workdir: str, step: Optional[int] = None) -> tuple[dict, dict, 
   checkpoint, as NumPy."""
   from contrastive_jax import eval_checkpoint
   cfg, state, task = eval_checkpoint.load(workdir, step)
-  if cfg.task != "two_view":
-    raise ValueError(f"{workdir} is a {cfg.task!r} run: export takes a two-view run's encoder "
-                     "and head (an image-text model has two towers)")
   encoder, head = _split(task.eval_variables(state))
   meta = {"format": FORMAT, "model": cfg.model, "dtype": cfg.get("dtype", "float32"),
           "norm": cfg.get("norm", "group"), "head_hidden": cfg.head_hidden,
@@ -79,11 +61,14 @@ def from_workdir(workdir: str, step: Optional[int] = None) -> tuple[dict, dict, 
 
 def export(workdir: str, out: str, step: Optional[int] = None) -> dict:
   """Writes the encoder, the head and model.json of a run's checkpoint to `out`."""
+  from flax import traverse_util
   from safetensors.numpy import save_file
   meta, encoder, head = from_workdir(workdir, step)
   os.makedirs(out, exist_ok=True)
   for name, variables in (("encoder", encoder), ("head", head)):
-    save_file(_flatten(variables), os.path.join(out, f"{name}.safetensors"),
+    flat = traverse_util.flatten_dict(variables, sep="/")
+    save_file({k: np.asarray(v, np.float32) for k, v in flat.items()},
+              os.path.join(out, f"{name}.safetensors"),
               metadata={"format": str(FORMAT), "model": meta["model"]})
   with open(os.path.join(out, MODEL_JSON), "w") as f:
     json.dump(meta, f, indent=2)
@@ -94,14 +79,16 @@ def read(path: str) -> tuple[dict, dict, dict]:
   """(model description, encoder variables, head variables) of an export directory or,
   for a workdir, of its newest good checkpoint."""
   if os.path.exists(os.path.join(path, MODEL_JSON)):
+    from flax import traverse_util
     from safetensors.numpy import load_file
     with open(os.path.join(path, MODEL_JSON)) as f:
       meta = json.load(f)
     if meta.get("format") != FORMAT:
       raise ValueError(f"{path}: export format {meta.get('format')!r}, this version reads "
                        f"{FORMAT}")
-    return (meta, _unflatten(load_file(os.path.join(path, "encoder.safetensors"))),
-            _unflatten(load_file(os.path.join(path, "head.safetensors"))))
+    load = lambda name: traverse_util.unflatten_dict(
+        load_file(os.path.join(path, f"{name}.safetensors")), sep="/")
+    return meta, load("encoder"), load("head")
   if workdir_lib.join(path, "checkpoints").exists():
     return from_workdir(path)
   raise FileNotFoundError(f"{path} is neither an export (no {MODEL_JSON}) nor a workdir (no "
@@ -138,15 +125,11 @@ def _replace(tree: Any, new: Any, where: str) -> Any:
 def initialise(state: dict, path: str, head: bool = True) -> dict:
   """A fresh two-view train state with the encoder (and, with `head`, the projection head)
   of `path`; the optimiser state stays fresh."""
-  meta, encoder, head_vars = read(path)
-  params = dict(state["params"]["params"])
-  params["encoder"] = _replace(params["encoder"], encoder["params"], "encoder")
-  if head:
-    for name in head_vars["params"]:
-      if name not in params:
-        raise ValueError(f"--config.init_from: the head's {name!r} is not in this run's model")
-    params.update(_replace({k: params[k] for k in head_vars["params"]}, head_vars["params"],
-                           "head"))
+  _, encoder, head_vars = read(path)
+  own_encoder, own_head = _split(state["params"])
+  params = {"encoder": _replace(own_encoder["params"], encoder["params"], "encoder"),
+            **(_replace(own_head["params"], head_vars["params"], "head") if head else
+               own_head["params"])}
   new = {**state, "params": {**state["params"], "params": params}}
   if "batch_stats" in state:
     if "batch_stats" not in encoder:

@@ -127,9 +127,6 @@ def _start(cfg, workdir, setup, mesh, shardings, mngr) -> tuple[dict, ocp.Checkp
     _print(f"resumed from {workdir} at step {int(state['step'])} "
            f"(data iterator at batch {restored['data']['next_index']})")
   elif cfg.get("init_from"):
-    if cfg.task != "two_view":
-      raise ValueError(f"--config.init_from: task {cfg.task!r} cannot start from an exported "
-                       "encoder (two_view can)")
     state = export.initialise(state, cfg.init_from, cfg.get("init_head", True))
     _print(f"initialised the {'encoder and head' if cfg.get('init_head', True) else 'encoder'} "
            f"from {cfg.init_from}")

@@ -29,7 +29,7 @@ def _norm(kind: str, groups: int, train: bool, dtype: Any, axis_name: Optional[s
     return nn.GroupNorm(num_groups=groups, dtype=dtype)
   if kind == "batch":
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        dtype=dtype, axis_name=axis_name if train else None)
+                        dtype=dtype, axis_name=axis_name)
   raise ValueError(f"unknown norm {kind!r}: set --config.norm to one of {NORMS}")
 
 

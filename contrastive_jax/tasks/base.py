@@ -44,7 +44,8 @@ class Task:
   neg_inf_ok: tuple = ("loss_state",)
   # Config fields of the task's own that may change when a run resumes (evaluation only).
   mutable_on_resume: tuple = ()
-  # The state entries evaluation reads (`eval_variables` makes the model's variables).
+  # The state entries evaluation reads: "params" (the model's variables) and any other
+  # collection of the model's, stored under its own name (`eval_variables` merges them).
   eval_keys: tuple = ("params",)
 
   def __init__(self, cfg: ml_collections.ConfigDict, train_src):
@@ -66,8 +67,9 @@ class Task:
     return state
 
   def eval_variables(self, state: dict) -> Any:
-    """What `evaluate` takes, from the state entries `eval_keys`: the parameters."""
-    return state["params"]
+    """What `evaluate` takes, from the state entries `eval_keys`: the model's variables,
+    the parameters and any other collection (e.g. BatchNorm's `batch_stats`)."""
+    return {**state["params"], **{k: state[k] for k in self.eval_keys if k != "params"}}
 
   def eval_data(self, limit: Optional[int]=None) -> Any:
     """Evaluation inputs, loaded once per run (train and eval splits)."""

@@ -75,12 +75,6 @@ class TwoView(base.Task):
       state["batch_stats"] = variables["batch_stats"]
     return state
 
-  def eval_variables(self, state: dict) -> Any:
-    """The model's variables for evaluation: parameters, and BatchNorm's averages."""
-    if self.batch_norm:
-      return {**state["params"], "batch_stats": state["batch_stats"]}
-    return state["params"]
-
   def embed_views(self, params: Any, state: dict, views: jax.Array) -> tuple[jax.Array, dict]:
     """Projections z [2, B, P] of both views [2, B, H, W, C], one apply mapped over the
     views, and the state updates (BatchNorm's averages, from both views' statistics)."""
