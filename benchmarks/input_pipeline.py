@@ -65,8 +65,7 @@ class JpegSource:
 
 def host_alone(cfg, task, batches: int) -> float:
   """Examples/s of the host pipeline alone, read as the trainer reads it."""
-  ds = pipeline.train_dataset(task.train_src, batch_size=cfg.batch_size, seed=cfg.seed,
-                              transform=task.transform())
+  ds = task.train_dataset(cfg.batch_size, cfg.seed)
   it = iter(pipeline.read(ds, cfg.data_threads, cfg.data_workers))
   for _ in range(2):  # start-up (worker processes, first reads)
     next(it)
@@ -83,8 +82,7 @@ def step_alone(cfg, steps: int) -> float:
   shardings = step_lib.shardings(setup, mesh)
   state = jax.jit(setup.init, out_shardings=shardings)()
   step = step_lib.make_step(setup, mesh, shardings)
-  ds = pipeline.train_dataset(setup.task.train_src, batch_size=cfg.batch_size, seed=cfg.seed,
-                              transform=setup.task.transform())
+  ds = setup.task.train_dataset(cfg.batch_size, cfg.seed)
   batch = {k: jax.device_put(v, sharding.batch_sharding(mesh))
            for k, v in ds[0].items() if k in setup.task.batch_keys}
   for _ in range(3):  # compile, warm up

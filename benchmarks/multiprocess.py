@@ -28,7 +28,6 @@ def child(args):
   import jax
   from contrastive_jax import sharding
   from contrastive_jax import step as step_lib
-  from contrastive_jax.data import pipeline
   from contrastive_jax.hlo import collective_bytes
 
   spec = importlib.util.spec_from_file_location("config", os.path.join(ROOT, args.config))
@@ -46,9 +45,7 @@ def child(args):
   shardings = step_lib.shardings(setup, mesh)
   state = jax.jit(setup.init, out_shardings=shardings)()
   step = step_lib.make_step(setup, mesh, shardings)
-  ds = pipeline.train_dataset(task.train_src, batch_size=cfg.batch_size, seed=0,
-                              transform=task.transform(), process_index=jax.process_index(),
-                              process_count=jax.process_count())
+  ds = task.train_dataset(cfg.batch_size, 0, jax.process_index(), jax.process_count())
   batches = [{k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), ds[i][k])
               for k in task.batch_keys} for i in range(args.steps + 3)]
   moved = collective_bytes(step.lower(state, batches[0]).compile().as_text())

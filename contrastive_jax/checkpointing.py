@@ -340,6 +340,27 @@ def config_changes(old: dict, cfg: ml_collections.ConfigDict,
           for k in sorted(set(a) | set(b)) if not mutable(k) and a.get(k) != b.get(k)]
 
 
+def check_resume(cfg: ml_collections.ConfigDict, workdir: workdir_lib.PathLike,
+                 mngr: ocp.CheckpointManager, task_mutable: Sequence[str] = ()) -> None:
+  """Raises ValueError (one line) for a config that differs from the workdir's stored one
+  in a field other than MUTABLE_ON_RESUME and the task's own `task_mutable`."""
+  if not mngr.all_steps():
+    return
+  old = stored_config(workdir)
+  if old is None:
+    raise ValueError(
+        f"workdir {workdir} holds checkpoints (steps {sorted(mngr.all_steps())}) but no "
+        "config.json, so this config cannot be checked against theirs: put the run's "
+        "config.json back, or use a new --workdir")
+  mutable = (*MUTABLE_ON_RESUME, *task_mutable)
+  changes = config_changes(old, cfg, mutable)
+  if changes:
+    raise ValueError(
+        f"workdir {workdir} holds a run with a different config ({'; '.join(changes)}); "
+        f"only {', '.join(mutable)} may change on resume: use a "
+        "new --workdir or the original config")
+
+
 def stored_config(workdir: workdir_lib.PathLike) -> Optional[dict]:
   return workdir_lib.read_json(workdir_lib.join(workdir, "config.json"))
 

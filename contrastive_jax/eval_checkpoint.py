@@ -27,9 +27,7 @@ def load(workdir_path: str, step: Optional[int] = None
   its checks. The task is built on the train split's records (its evaluators fit
   their probes there), read as the evaluators stream them, not cached."""
   cfg = checkpointing.load_config(workdir_path)
-  source = pipeline.read_or_fail(cfg.dataset, cfg.data_dir, lambda: pipeline.get_source(
-      cfg.dataset, "train", cfg.data_dir))
-  task = tasks.get(cfg, source)
+  task = tasks.get(cfg, *pipeline.open_splits(cfg.dataset, cfg.data_dir, cfg.eval_split))
   state = checkpointing.read(workdir_path, step, only=("step", *task.eval_keys))
   return cfg, state, task
 

@@ -1,13 +1,13 @@
 """Evaluation protocols on frozen features: weighted kNN, linear probe, retrieval,
-zero-shot; and the helpers that embed in batches (`in_batches` for arrays in memory,
-`embed_batches` for a streamed split).
+zero-shot; and the one helper that embeds in batches (`in_batches`, over a streamed
+split or arrays in memory).
 
 Features are computed once, then every protocol is a small pure-JAX program. To
 evaluate a workdir's checkpoint: `python -m contrastive_jax.eval_checkpoint`.
 """
 
 import functools
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import jax
 from jax.typing import ArrayLike
@@ -18,49 +18,47 @@ import optax
 from contrastive_jax import metrics
 
 
-def in_batches(fn: Callable, *arrays: np.ndarray, batch_size: int = 500) -> Any:
-  """fn over aligned batches of in-memory arrays [N, ...] -> its outputs (any tree of
-  [b, ...] arrays) concatenated to [N, ...] as NumPy. Empty arrays give None leaves.
-  (`embed_batches` streams a split instead, sharded over the devices.)"""
-  n = len(arrays[0])
-  outs = [jax.device_get(fn(*(a[i:i + batch_size] for a in arrays)))
-          for i in range(0, n, batch_size)]
-  if not outs:
-    return None
-  return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *outs)
+def batches_of(*arrays: ArrayLike, batch_size: int = 500) -> Iterator[tuple]:
+  """Aligned slices (arrays[0][i:i+b], arrays[1][i:i+b], ...) of in-memory arrays [N, ...]:
+  the stream `in_batches` takes."""
+  for i in range(0, len(arrays[0]), batch_size):
+    yield tuple(a[i:i + batch_size] for a in arrays)
 
 
-def embed_batches(apply_fn: Callable, params: Any, batches: Iterable[dict],
-                  devices: Optional[Sequence[jax.Device]] = None) -> tuple[np.ndarray, np.ndarray]:
-  """Features of a stream of batches, computed on this host's devices.
+def in_batches(fn: Callable, params: Any, batches: Iterable[Sequence[ArrayLike]],
+               devices: Optional[Sequence[jax.Device]] = None) -> Any:
+  """fn(params, *arrays) over a stream of batches -> its outputs concatenated [N, ...].
 
-  Each batch {"image": [b, ...], "label": [b]} is sharded over `devices` (default:
-  the local ones; every batch padded to the first one's size, so one compilation),
-  and only its features stay on the host: memory is a batch plus the features,
-  whatever the split's size.
+  The one helper that embeds in batches, for a streamed split (`pipeline.eval_batches`)
+  and arrays in memory (`batches_of`) alike. Each batch, a tuple of aligned arrays
+  [b, ...], is padded to the first batch's rows (rounded up to a multiple of the
+  devices: one compilation) and sharded over `devices` (default: this host's); params
+  are replicated once. Only the outputs come back to the host, so memory is one batch
+  plus the outputs, whatever the split's size.
 
   Args:
-    apply_fn: (params, images [b, ...]) -> features [b, F].
-    params: replicated onto the devices once.
+    fn: (params, *arrays [b, ...]) -> any tree of [b, ...] arrays.
   Returns:
-    (features float32 [N, F], labels int32 [N]).
+    the tree of outputs [N, ...] as NumPy; None for an empty stream.
   """
   devices = list(devices or jax.local_devices())
   mesh = jax.sharding.Mesh(np.array(devices), ("data",))
   rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   params = jax.device_put(params, replicated)
-  fn = jax.jit(apply_fn, in_shardings=(replicated, rows))
-  features, labels, size = [], [], None
+  step = jax.jit(fn)
+  outs, size = [], None
   for batch in batches:
-    x = np.asarray(batch["image"])
-    n = len(x)
+    n = len(batch[0])
     if size is None:
       size = -(-n // len(devices)) * len(devices)
-    padded = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)]) if n < size else x
-    features.append(np.asarray(fn(params, jax.device_put(padded, rows)), np.float32)[:n])
-    labels.append(np.asarray(batch["label"], np.int32))
-  return np.concatenate(features), np.concatenate(labels)
+    pad = lambda a: np.concatenate([a, np.zeros((size - n, *a.shape[1:]), a.dtype)])
+    arrays = [jax.device_put(pad(np.asarray(a)) if n < size else np.asarray(a), rows)
+              for a in batch]
+    outs.append(jax.tree.map(lambda y: np.asarray(y)[:n], step(params, *arrays)))
+  if not outs:
+    return None
+  return jax.tree.map(lambda *ys: np.concatenate(ys), *outs)
 
 
 def knn_accuracy(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test_y: ArrayLike, *, num_classes: int, k: int = 20,

@@ -80,10 +80,8 @@ def build(cfg: ml_collections.ConfigDict, task: Optional[tasks.Task] = None) -> 
   """Task (default: cfg.task on cfg.dataset's train split), optimiser and state
   initialiser of cfg (raises on bad names)."""
   if task is None:
-    def load():
-      source = pipeline.get_source(cfg.dataset, "train", cfg.data_dir)
-      return pipeline.InMemory(source) if cfg.get("data_cache", False) else source
-    task = tasks.get(cfg, pipeline.read_or_fail(cfg.dataset, cfg.data_dir, load))
+    task = tasks.get(cfg, *pipeline.open_splits(cfg.dataset, cfg.data_dir, cfg.eval_split,
+                                                cfg.get("data_cache", False)))
   task.check_evals(cfg.get("evals", {}))
   tx, schedule = make_optimizer(cfg)
 

@@ -214,6 +214,40 @@ class MetricWriter:
       self.log = self._io(lambda: workdir_lib.MetricsLog(workdir, start))
       self.tb = self._io(lambda: Writer(workdir, start, enabled=tensorboard))
 
+  @classmethod
+  def for_run(cls, cfg: Any, workdir: Any, start: int, lead: bool,
+              fence: Callable[[], bool]) -> "MetricWriter":
+    """The writer of a training run from `start` (enabled on the lead process), its
+    progress line, and config.json written beside the records."""
+    progress = Progress(cfg.num_steps, start, cfg.batch_size, enabled=lead and cfg.progress,
+                        every_s=cfg.get("progress_every_s", 60.0))
+    writer = cls(workdir, start, enabled=lead, progress=progress,
+                 tensorboard=cfg.get("tensorboard", True), fence=fence)
+    if lead:
+      writer.guarded(lambda: workdir_lib.write_text(
+          workdir_lib.join(workdir, "config.json"), cfg.to_json(indent=2)))
+    return writer
+
+  def write_final(self, result: dict) -> None:
+    """The final evaluation {"step", ...}: its record and final_eval.json.
+
+    Raises:
+      workdir.LockLost, workdir.WorkdirError: one line, saying it was not written.
+    """
+    step = result["step"]
+    try:
+      self.write(step, "final", {k: v for k, v in result.items() if k != "step"})
+      if self.enabled:
+        self.guarded(lambda: workdir_lib.write_json(
+            workdir_lib.join(self.workdir, "final_eval.json"), result))
+        self.flush()
+    except workdir_lib.LockLost as e:
+      raise workdir_lib.LockLost(
+          f"{e}; the final evaluation of step {step} was not written") from None
+    except OSError as e:
+      raise workdir_lib.WorkdirError(f"cannot write the final evaluation in {self.workdir}: "
+                                     f"{workdir_lib.describe_error(e)}") from None
+
   def _io(self, fn: Callable):
     try:
       return fn()

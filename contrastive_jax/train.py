@@ -32,15 +32,6 @@ from contrastive_jax import workdir as workdir_lib
 from contrastive_jax.data import pipeline
 
 
-def due(cfg: ml_collections.ConfigDict, when) -> str:
-  """The evaluators of cfg.evals due `when` ("at_init", "final" or a step), comma-separated
-  (what `Task.evaluate` takes; evaluators due together share their embeddings)."""
-  evals = cfg.get("evals", {})
-  if isinstance(when, str):
-    return ",".join(n for n, e in evals.items() if e.get(when, False))
-  return ",".join(n for n, e in evals.items() if e.get("every", 0) and when % e.every == 0)
-
-
 def _print(*args):
   if jax.process_index() == 0:
     print(*args, flush=True)
@@ -78,7 +69,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: workdir_lib.Path
   lead = jax.process_index() == 0
   workdir_lib.make(workdir)  # first: an unreachable workdir fails within seconds
   setup = step_lib.build(cfg)
-  setup.task.check_eval(cfg)  # evaluation settings fail now, not after the run
+  setup.task.check_eval()  # evaluation settings fail now, not after the run
   lock = workdir_lib.Lock(workdir, stale_s=cfg.get("lock_stale_s", workdir_lib.STALE_S))
   try:
     if lead:
@@ -96,25 +87,6 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: workdir_lib.Path
     stop.close()
     if lead:
       lock.release()
-
-
-def _check_resume(cfg, workdir, mngr, task) -> None:
-  """Refuses a config that differs from the stored one where it may not."""
-  if not mngr.all_steps():
-    return
-  old = checkpointing.stored_config(workdir)
-  if old is None:
-    raise ValueError(
-        f"workdir {workdir} holds checkpoints (steps {sorted(mngr.all_steps())}) but no "
-        "config.json, so this config cannot be checked against theirs: put the run's "
-        "config.json back, or use a new --workdir")
-  mutable = (*checkpointing.MUTABLE_ON_RESUME, *task.mutable_on_resume)
-  changes = checkpointing.config_changes(old, cfg, mutable)
-  if changes:
-    raise ValueError(
-        f"workdir {workdir} holds a run with a different config ({'; '.join(changes)}); "
-        f"only {', '.join(mutable)} may change on resume: use a "
-        "new --workdir or the original config")
 
 
 def _start(cfg, workdir, setup, mesh, shardings, mngr) -> tuple[dict, ocp.CheckpointManager]:
@@ -139,16 +111,10 @@ def _start(cfg, workdir, setup, mesh, shardings, mngr) -> tuple[dict, ocp.Checkp
 def _open_writer(cfg, workdir, start, lock) -> summary.MetricWriter:
   """Writes config.json and opens the run's records (process 0), once the config is
   known compatible, the state restored and the step traced; all processes agree."""
-  lead = jax.process_index() == 0
-  progress = summary.Progress(cfg.num_steps, start, cfg.batch_size, enabled=lead and cfg.progress,
-                              every_s=cfg.get("progress_every_s", 60.0))
   error = None
   try:
-    writer = summary.MetricWriter(workdir, start, enabled=lead, progress=progress,
-                                  tensorboard=cfg.get("tensorboard", True), fence=lock.check)
-    if lead:
-      writer.guarded(lambda: workdir_lib.write_text(
-          workdir_lib.join(workdir, "config.json"), cfg.to_json(indent=2)))
+    writer = summary.MetricWriter.for_run(cfg, workdir, start, jax.process_index() == 0,
+                                          lock.check)
   except (OSError, workdir_lib.WorkdirError) as e:
     error = e
   stopping.agree(error is None, "write the run's files")
@@ -160,14 +126,12 @@ def _open_writer(cfg, workdir, start, lock) -> summary.MetricWriter:
 def _train(cfg, workdir, stop_at, setup, lock, mesh, stop) -> dict:
   task = setup.task
   mngr = checkpointing.manager(workdir)
-  _check_resume(cfg, workdir, mngr, task)
+  checkpointing.check_resume(cfg, workdir, mngr, task.mutable_on_resume)
   shardings = step_lib.shardings(setup, mesh)
   state, mngr = _start(cfg, workdir, setup, mesh, shardings, mngr)
   start = int(state["step"])
   step_fn = step_lib.make_step(setup, mesh, shardings, skip_nonfinite=cfg.get("skip_nonfinite", False))
-  ds = pipeline.train_dataset(
-      task.train_src, batch_size=cfg.batch_size, seed=cfg.seed, transform=task.transform(),
-      process_index=jax.process_index(), process_count=jax.process_count())
+  ds = task.train_dataset(cfg.batch_size, cfg.seed, jax.process_index(), jax.process_count())
   first = pipeline.read_or_fail(cfg.dataset, cfg.data_dir, lambda: ds[start])
   step_lib.trace_step(cfg, step_fn, state, {k: first[k] for k in task.batch_keys}, jax.process_count())
   writer = _open_writer(cfg, workdir, start, lock)
@@ -256,7 +220,7 @@ class Loop:
   def run(self, state: dict, start: int, stop_at: Optional[int]) -> tuple[dict, int]:
     """Steps from `start` until num_steps, stop_at or an agreed stop -> (state, code)."""
     cfg = self.cfg
-    at_init = due(cfg, "at_init")
+    at_init = self.task.due("at_init")
     if start == 0 and at_init:
       self.init_eval = self.evaluate(state, at_init)
       self.record(0, "eval", self.init_eval)
@@ -285,7 +249,7 @@ class Loop:
         t_last, n_last = now, done
       else:
         self.writer.progress.update(done)
-      names = due(cfg, done) if done < cfg.num_steps else ""
+      names = self.task.due(done) if done < cfg.num_steps else ""
       if names:
         self.record(done, "eval", self.evaluate(state, names))
         self.writer.progress.restart()
@@ -358,7 +322,7 @@ def _final_eval(cfg, workdir, loop: Loop, state, start: int) -> dict:
   signal abandons it in a single process (the checkpoint is saved: the same command
   evaluates it); several processes finish it, since it runs collectives."""
   step = int(state["step"])
-  names = due(cfg, "final")
+  names = loop.task.due("final")
   try:
     if jax.process_count() == 1:
       loop.stop.interruptible = True
@@ -374,20 +338,7 @@ def _final_eval(cfg, workdir, loop: Loop, state, start: int) -> dict:
     return {"preempted": True, "step": step}
   if loop.init_eval is not None:
     result["random_init"] = loop.init_eval
-  writer = loop.writer
-  lead = jax.process_index() == 0
-  try:
-    writer.write(step, "final", {k: v for k, v in result.items() if k != "step"})
-    if lead:
-      writer.guarded(lambda: workdir_lib.write_json(
-          workdir_lib.join(workdir, "final_eval.json"), result))
-      writer.flush()
-  except workdir_lib.LockLost as e:
-    raise workdir_lib.LockLost(
-        f"{e}; the final evaluation of step {step} was not written") from None
-  except OSError as e:
-    raise workdir_lib.WorkdirError(f"cannot write the final evaluation in {workdir}: "
-                                   f"{workdir_lib.describe_error(e)}") from None
+  loop.writer.write_final(result)
   return result
 
 

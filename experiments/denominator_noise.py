@@ -35,10 +35,10 @@ def embeddings(workdir: str, step=None) -> tuple[np.ndarray, float]:
   from contrastive_jax.data import augment, pipeline
   cfg, state, task = eval_checkpoint.load(workdir, step)
   transform = pipeline.EvalImage(task.size, task.channels)
-  z, _ = evaluate.embed_batches(
+  z = evaluate.in_batches(
       lambda p, x: task.model.apply(p, augment.to_float(x), train=False)[1],
       task.eval_variables(state),
-      pipeline.eval_batches(task.train_src, transform, 256, threads=1))
+      ((b["image"],) for b in pipeline.eval_batches(task.train_src, transform, 256, threads=1)))
   return z / np.linalg.norm(z, axis=1, keepdims=True), float(cfg.temperature)
 
 

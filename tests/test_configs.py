@@ -21,6 +21,29 @@ def test_config_names_a_task_and_takes_the_common_overrides(name):
   assert cfg.task in tasks.TASKS, (name, cfg.task)
   cfg.update_from_flattened_dict({"num_steps": 7, "warmup_steps": 3, "batch_size": 16})
   assert (cfg.num_steps, cfg.warmup_steps, cfg.batch_size) == (7, 3, 16)
+  # The config holds every field its task requires (the task's section builds).
+  section = tasks.base.section(cfg, tasks.TASKS[cfg.task].fields)
+  assert section.num_steps == 7
+
+
+def test_a_task_section_holds_what_the_task_declares_and_nothing_else():
+  cfg = importlib.import_module("configs.mnist_gamma").get_config()
+  section = tasks.base.section(cfg, tasks.TASKS["two_view"].fields)
+  assert set(section) == set(tasks.base.SHARED) | set(tasks.TwoView.fields)
+  assert section.knn_k == cfg.knn_k and section.eval_batch_size == 256  # the task's default
+  with pytest.raises(AttributeError):
+    section.learning_rate  # the optimiser's, not the task's  # noqa: B018
+  del cfg.temperature
+  with pytest.raises(ValueError, match=r"the 'two_view' task needs --config.temperature"):
+    tasks.base.section(cfg, tasks.TASKS["two_view"].fields)
+
+
+def test_tasks_take_every_default_from_their_declaration():
+  """No task reads the config with a default of its own (`cfg.get(name, default)`): a
+  default lives in the task's `fields` or in configs/base.py, once."""
+  for name in ("base", "two_view", "image_text", "fusion"):
+    source = open(os.path.join(ROOT, "contrastive_jax", "tasks", f"{name}.py")).read()
+    assert "cfg.get(" not in source, name
 
 
 @pytest.mark.slow

@@ -100,8 +100,9 @@ def test_streaming_evaluation_memory_does_not_grow_with_the_split():
   transform = pipeline.EvalImage(None, 3)
 
   def stream(n):
-    feats, labels = E.embed_batches(apply_fn, params, pipeline.eval_batches(
-        GeneratedImages(n), transform, batch_size=64, threads=1))
+    feats, labels = E.in_batches(lambda p, x, y: (apply_fn(p, x), y), params, (
+        (b["image"], b["label"]) for b in pipeline.eval_batches(
+            GeneratedImages(n), transform, batch_size=64, threads=1)))
     assert feats.shape == (n, 16) and labels.shape == (n,)
     np.testing.assert_array_equal(labels, np.arange(n) % 10)
 
@@ -116,6 +117,22 @@ def test_streaming_evaluation_memory_does_not_grow_with_the_split():
   assert _traced_peak(lambda: load(big)) - _traced_peak(lambda: load(small)) > 0.9 * raw
   # Features equal the unstreamed computation.
   src = GeneratedImages(100)
-  feats, _ = E.embed_batches(apply_fn, params, pipeline.eval_batches(src, transform, 64))
+  feats = E.in_batches(apply_fn, params, ((b["image"],) for b in pipeline.eval_batches(
+      src, transform, 64)))
   whole = np.stack([src[i]["image"] for i in range(100)])
   np.testing.assert_allclose(feats, jax.jit(apply_fn)(params, whole), rtol=1e-4, atol=1e-3)
+
+
+def test_in_batches_over_arrays_equals_one_call_on_any_batch_size():
+  import jax
+  seed = 3
+  rng = np.random.default_rng(seed)
+  x, t = rng.normal(size=(37, 5)).astype(np.float32), rng.integers(0, 9, (37, 2))
+  params = {"w": rng.normal(size=(5, 3)).astype(np.float32)}
+  fn = lambda p, a, b: (a @ p["w"], b.sum(-1))
+  want = jax.jit(fn)(params, x, t)
+  for batch_size in (1, 8, 10, 37, 64):  # uneven last batches are padded, then cut
+    got = E.in_batches(fn, params, E.batches_of(x, t, batch_size=batch_size))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6, err_msg=f"seed {seed}")
+    np.testing.assert_array_equal(got[1], want[1])
+  assert E.in_batches(fn, params, E.batches_of(x[:0], t[:0])) is None

@@ -66,8 +66,7 @@ class Runner:
     self.state = jax.jit(self.setup.init, out_shardings=shardings)()
     self.init_params = jax.device_get(self.state["params"])
     self.step_fn = step_lib.make_step(self.setup, self.mesh, shardings)
-    self.ds = pipeline.train_dataset(src, batch_size=cfg.batch_size, seed=cfg.seed,
-                                     transform=self.task.transform())
+    self.ds = self.task.train_dataset(cfg.batch_size, cfg.seed)
 
   def batch(self, k):
     return {key: jax.device_put(self.ds[k][key], sharding.batch_sharding(self.mesh))

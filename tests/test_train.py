@@ -22,7 +22,6 @@ from contrastive_jax import hlo
 from contrastive_jax import losses as L
 from contrastive_jax import sharding
 from contrastive_jax import train
-from contrastive_jax.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,8 +64,7 @@ def setup_step(cfg, devices):
   state = jax.jit(setup.init, out_shardings=shardings)()
   step = step_lib.make_step(setup, mesh, shardings)
   task = setup.task
-  ds = pipeline.train_dataset(task.train_src, batch_size=cfg.batch_size, seed=cfg.seed,
-                              transform=task.transform())
+  ds = task.train_dataset(cfg.batch_size, cfg.seed)
   batch = lambda k: {key: jax.device_put(ds[k][key], sharding.batch_sharding(mesh))
                      for key in task.batch_keys}
   return step, state, batch, task.model

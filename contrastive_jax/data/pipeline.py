@@ -98,6 +98,19 @@ class DataError(RuntimeError):
   """The training or evaluation data cannot be read."""
 
 
+def open_splits(dataset: str, data_dir: Optional[str], eval_split: str,
+                cache: bool = False) -> tuple[Any, Callable[[], Any]]:
+  """(train source, a function opening the eval split): what a task is built on. The
+  train split is opened now (held in memory with `cache`: InMemory); the eval split
+  only when an evaluation first reads it. DataError in one line for broken files."""
+  def train():
+    source = get_source(dataset, "train", data_dir)
+    return InMemory(source) if cache else source
+  return (read_or_fail(dataset, data_dir, train),
+          lambda: read_or_fail(dataset, data_dir, lambda: get_source(dataset, eval_split,
+                                                                     data_dir)))
+
+
 def read_or_fail(dataset: str, data_dir: Optional[str], fn: Callable[[], Any]) -> Any:
   """fn() (a read of `dataset`'s records), with DataError in one line for data files that
   are missing or corrupt (array_record, TFDS and grain raise many kinds for them).

@@ -17,10 +17,11 @@ from contrastive_jax.tasks.two_view import TwoView
 TASKS = {"two_view": TwoView, "two_tower": TwoTower, "fusion": Fusion}
 
 
-def get(cfg: ml_collections.ConfigDict, train_src: Any, **kwargs) -> Task:
+def get(cfg: ml_collections.ConfigDict, train_src: Any, eval_src: Any = None, **kwargs) -> Task:
   """The task of cfg.task on the training records `train_src` (a random-access
-  sequence of dicts; kwargs, e.g. an image-text task's tokenizer, go to the task)."""
+  sequence of dicts) and the eval split (`eval_src`: a function opening it; default
+  cfg.eval_split). kwargs, e.g. an image-text task's tokenizer, go to the task."""
   if cfg.task not in TASKS:
     raise ValueError(f"unknown task {cfg.task!r}: set --config.task to one of "
                      f"{', '.join(TASKS)}")
-  return TASKS[cfg.task](cfg, train_src, **kwargs)
+  return TASKS[cfg.task](cfg, train_src, eval_src, **kwargs)

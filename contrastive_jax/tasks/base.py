@@ -18,13 +18,38 @@ contrastive terms run per device inside `shard_map` with `BATCH_AXES` as the
 losses' `axis_name`, so a decomposable loss moves no embedding between devices.
 """
 
-from typing import Any, Optional
+import functools
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from contrastive_jax.data import pipeline
+
+
+REQUIRED = object()  # a task field without a default: every config of the task sets it
+
+# The trainer's fields that every task reads; their defaults are configs/base.py's.
+SHARED = ("task", "dataset", "data_dir", "eval_split", "eval_limit", "evals", "num_steps",
+          "data_threads", "dtype")
+
+
+def section(cfg: ml_collections.ConfigDict, fields: dict) -> ml_collections.ConfigDict:
+  """The task's config section: SHARED and its own `fields` (name -> default or
+  REQUIRED) read from cfg, defaults filled in. Nothing else is in it, so a task reads
+  only what it declares, and each default has one place.
+
+  Raises:
+    ValueError: naming a field the task needs that cfg lacks.
+  """
+  fields = {**{name: REQUIRED for name in SHARED}, **fields}
+  for name, default in fields.items():
+    if default is REQUIRED and name not in cfg:
+      raise ValueError(f"the {cfg['task'] if 'task' in cfg else ''!r} task needs --config.{name}, which this "
+                       "config lacks (see configs/)")
+  return ml_collections.ConfigDict({name: cfg[name] if name in cfg else default
+                                    for name, default in fields.items()})
 
 
 def progress(state: dict, cfg: ml_collections.ConfigDict) -> jax.Array:
@@ -34,8 +59,11 @@ def progress(state: dict, cfg: ml_collections.ConfigDict) -> jax.Array:
 
 
 class Task:
-  """Base class; subclasses set `model`, `batch_keys`, `evaluators` and the methods."""
+  """Base class; subclasses set `fields`, `model`, `batch_keys`, `evaluators` and the
+  methods. `self.cfg` is the task's section of the config (`section`)."""
 
+  # The config fields the task reads besides SHARED: name -> default (or REQUIRED).
+  fields: dict = {}
   batch_keys: tuple = ()  # the batch fields the step reads (the rest stay on the host)
   evaluators: dict = {}  # name -> name of a method (ctx) -> dict
   # State entries as large as the model, FSDP-sharded with the optimiser state.
@@ -48,14 +76,35 @@ class Task:
   # collection of the model's, stored under its own name (`eval_variables` merges them).
   eval_keys: tuple = ("params",)
 
-  def __init__(self, cfg: ml_collections.ConfigDict, train_src):
-    self.cfg = cfg
+  def __init__(self, cfg: ml_collections.ConfigDict, train_src: Any,
+               eval_src: Optional[Callable[[], Any]] = None):
+    """Args:
+      train_src: the train split's records (a random-access source of dicts).
+      eval_src: () -> the eval split's source, called once, when an evaluation first
+        reads it (`pipeline.open_splits`); default: cfg.eval_split of cfg.dataset.
+    """
+    self.cfg = section(cfg, self.fields)
     self.train_src = train_src
+    self._eval_src = eval_src or (lambda: pipeline.get_source(
+        self.cfg.dataset, self.cfg.eval_split, self.cfg.data_dir))
     self.image_shape = pipeline.image_shape(train_src)
+
+  @functools.cached_property
+  def eval_src(self) -> Any:
+    """The eval split's source, opened on first use."""
+    return self._eval_src()
 
   def transform(self) -> Any:
     """grain RandomMap: record index -> one training example."""
     raise NotImplementedError
+
+  def train_dataset(self, batch_size: int, seed: int, process_index: int = 0,
+                    process_count: int = 1) -> Any:
+    """This process's training batches (`pipeline.train_dataset` of the task's transform):
+    batch k is a pure function of (seed, k)."""
+    return pipeline.train_dataset(self.train_src, batch_size=batch_size, seed=seed,
+                                  transform=self.transform(), process_index=process_index,
+                                  process_count=process_count)
 
   def init(self, key: jax.Array) -> dict:
     raise NotImplementedError
@@ -90,6 +139,14 @@ class Task:
       out.update(getattr(self, self.evaluators[name])(ctx))
     return out
 
+  def due(self, when: Any) -> str:
+    """The evaluators of cfg.evals due `when` ("at_init", "final" or a step), comma-separated
+    (what `evaluate` takes; evaluators due together share their embeddings)."""
+    evals = self.cfg.evals
+    if isinstance(when, str):
+      return ",".join(n for n, e in evals.items() if e.get(when, False))
+    return ",".join(n for n, e in evals.items() if e.get("every", 0) and when % e.every == 0)
+
   min_eval_examples = 10  # fewer cannot give an accuracy worth printing
 
   def check_evals(self, evals: ml_collections.ConfigDict) -> None:
@@ -110,16 +167,17 @@ class Task:
         raise ValueError(f"--config.evals.{name} has no field {sorted(unknown)[0]!r}: its "
                          "fields are every, at_init and final")
 
-  def check_eval(self, cfg: ml_collections.ConfigDict) -> None:
+  def check_eval(self) -> None:
     """Raises ValueError naming the field for evaluation settings that would fail or
     mislead only after training: an unknown eval split, too small an eval_limit."""
-    if not cfg.get("evals"):
+    cfg = self.cfg
+    if not cfg.evals:
       return
     splits = pipeline.split_names(self.train_src)
-    if splits is not None and cfg.get("eval_split") not in splits:
-      raise ValueError(f"--config.eval_split={cfg.get('eval_split')!r}: dataset "
-                       f"{cfg.get('dataset')!r} has the splits {', '.join(splits)}")
-    limit = cfg.get("eval_limit")
+    if splits is not None and cfg.eval_split not in splits:
+      raise ValueError(f"--config.eval_split={cfg.eval_split!r}: dataset "
+                       f"{cfg.dataset!r} has the splits {', '.join(splits)}")
+    limit = cfg.eval_limit
     if limit is not None and limit < self.min_eval_examples:
       raise ValueError(f"--config.eval_limit={limit}: the probes need at least "
                        f"{self.min_eval_examples} examples (or None: all)")

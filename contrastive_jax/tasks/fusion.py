@@ -24,6 +24,7 @@ from contrastive_jax import metrics
 from contrastive_jax.data import augment as aug_lib
 from contrastive_jax.data import captions
 from contrastive_jax.models import multimodal
+from contrastive_jax.tasks import base
 from contrastive_jax.tasks import image_text
 
 
@@ -53,16 +54,17 @@ def ema_update(ema: Any, params: Any, momentum: float) -> Any:
 
 
 class Fusion(image_text.TwoTower):
-  """cfg: as `image_text.TwoTower`, plus fusion.{momentum, itm_weight, mlm_weight,
-  mlm_prob, distill_alpha}."""
+  """An ALBEF-style fusion objective: the two-tower fields, plus fusion.{momentum,
+  itm_weight, mlm_weight, mlm_prob, distill_alpha}."""
 
+  fields = {**image_text.TwoTower.fields, "fusion": base.REQUIRED}
   model_sized = ("params", "ema_params")  # the momentum encoders are as large as the model
 
-  def __init__(self, cfg, train_src, tokenizer=None):
+  def __init__(self, cfg, train_src, eval_src=None, tokenizer=None):
     if "captions" not in train_src[0]:
       raise ValueError(f"the fusion task needs a tokenized (caption) second modality; "
                        f"dataset {cfg.dataset!r} has none: use --config.task=two_tower")
-    super().__init__(cfg, train_src, tokenizer)
+    super().__init__(cfg, train_src, eval_src, tokenizer)
     self.evaluators = {**self.evaluators, "fusion": "eval_fusion"}
 
   def build_model(self) -> Any:
@@ -142,8 +144,8 @@ def _fused(model, params, images, tokens) -> jax.Array:
 
 def fused_features(model: Any, params: Any, images: ArrayLike, tokens: ArrayLike, batch_size: int = 500) -> np.ndarray:
   """[CLS] of the fusion encoder for pairs (images [N, ...], tokens [N, L]) -> [N, W]."""
-  f = jax.jit(lambda x, t: _fused(model, params, x, t)[:, 0])
-  return evaluate.in_batches(f, images, tokens, batch_size=batch_size)
+  return evaluate.in_batches(lambda p, x, t: _fused(model, p, x, t)[:, 0], params,
+                             evaluate.batches_of(images, tokens, batch_size=batch_size))
 
 
 def fusion_tasks(data: dict, tokenizer: Any, seed: int) -> dict:
@@ -179,9 +181,9 @@ def evaluate_fusion(model: Any, params: Any, train: dict, test: dict, tokenizer:
   tasks = {"train": fusion_tasks(tr, tokenizer, 1), "test": fusion_tasks(test, tokenizer, 2)}
   t = tasks["test"]["itm"]
 
-  itm_logits = jax.jit(lambda x, tok: model.apply(params, _fused(model, params, x, tok),
-                                                  method=model.itm))
-  pred = np.argmax(evaluate.in_batches(itm_logits, test["image"][t["image"]], t["tokens"]), -1)
+  itm_logits = lambda p, x, tok: model.apply(p, _fused(model, p, x, tok), method=model.itm)
+  pred = np.argmax(evaluate.in_batches(itm_logits, params, evaluate.batches_of(
+      test["image"][t["image"]], t["tokens"])), -1)
   out = {"itm_accuracy": float(np.mean(pred == t["label"]))}
 
   def probe(pairs_tr, pairs_te, num_classes):

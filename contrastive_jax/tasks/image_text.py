@@ -68,14 +68,26 @@ def _regularisers(cfg, emb: dict, aug: dict, t, axis_name) -> dict:
 
 
 class TwoTower(base.Task):
-  """cfg: model, text, proj_dim, loss, temperature, learn_temperature, loss_options,
-  weights, bridge_t, noise_std (and vector_views, vector_noise for vector data)."""
+  """A CLIP-style two-tower objective between images and captions, or images and
+  feature vectors (`fields`)."""
 
+  fields = dict(
+      model=base.REQUIRED,  # the image tower
+      text=None,  # caption data: the text transformer, {width, depth}
+      proj_dim=base.REQUIRED, loss=base.REQUIRED, temperature=base.REQUIRED,
+      loss_options=base.REQUIRED,
+      learn_temperature=False,  # the ITC's temperature as a trained parameter
+      weights=base.REQUIRED,  # the CVPR 2023 terms: {sep, br, gc, align}
+      bridge_t=0.25,  # the Brownian bridge's time
+      noise_std=0.1,  # the augmented image: pixel noise and brightness jitter
+      vector_views=None,  # vector data: the second modality's views, comma-separated
+      vector_noise=0.0)  # vector data: noise on the standardised augmented vector
   batch_keys = ("image", "tokens", "tokens_aug", "index")
 
-  def __init__(self, cfg, train_src, tokenizer=None):
-    super().__init__(cfg, train_src)
-    if cfg.get("dtype", "float32") != "float32":
+  def __init__(self, cfg, train_src, eval_src=None, tokenizer=None):
+    super().__init__(cfg, train_src, eval_src)
+    cfg = self.cfg
+    if cfg.dtype != "float32":
       raise ValueError(f"--config.dtype={cfg.dtype!r}: the image-text tasks compute in float32 "
                        "(bfloat16 is for the two-view task's encoders)")
     self.entry = L.registry.get(cfg.loss)
@@ -83,11 +95,14 @@ class TwoTower(base.Task):
         cfg.loss, cfg.loss_options.get(cfg.loss, {}), len(train_src))
     self.captioned = "captions" in train_src[0]
     if self.captioned:
+      if cfg.text is None:
+        raise ValueError(f"dataset {cfg.dataset!r} has captions: give the text tower with "
+                         "--config.text.width and --config.text.depth (see configs/captions_clip.py)")
       self.tokenizer = tokenizer or pipeline.tokenizer(train_src)
       self.evaluators = {"zero_shot": "eval_zero_shot", "retrieval": "eval_retrieval",
                          "gap": "eval_gap", "probes": "eval_probes"}
     else:
-      if "vector_views" not in cfg:
+      if not cfg.vector_views:
         raise ValueError(f"dataset {cfg.dataset!r} has no captions: give its second modality "
                          "with --config.vector_views (see configs/mfeat_clip.py)")
       self.views = tuple(v.strip() for v in cfg.vector_views.split(","))
@@ -183,8 +198,7 @@ class TwoTower(base.Task):
   # -- evaluation -------------------------------------------------------------
 
   def eval_data(self, limit: Optional[int]=None) -> Any:
-    test_src = pipeline.get_source(self.cfg.dataset, self.cfg.eval_split, self.cfg.data_dir)
-    data = [pipeline.load_records(self.train_src, limit), pipeline.load_records(test_src)]
+    data = [pipeline.load_records(self.train_src, limit), pipeline.load_records(self.eval_src)]
     if not self.captioned:  # the same standardised vectors as `pipeline.VectorPair`
       for d in data:
         v = np.concatenate([d[name].reshape(len(d[name]), -1) for name in self.views], 1)
@@ -250,11 +264,11 @@ def _probe(train_x, train_y, test_x, test_y) -> float:
 
 def embed_all(model: Any, params: Any, images: ArrayLike, second: ArrayLike, batch_size: int = 500) -> dict:
   """{"features", "img", "txt"} of images [N, ...] and second-modality rows [M, ...]."""
-  @jax.jit
-  def image(x):
-    feats, z, _ = model.apply(params, x, method=model.encode_image)
+  def image(p, x):
+    feats, z, _ = model.apply(p, x, method=model.encode_image)
     return feats[:, 0] if feats.ndim == 3 else feats, z  # fusion: the [CLS] token
-  text = jax.jit(lambda t: model.apply(params, t, method=model.encode_text)[1])
-  features, img = evaluate.in_batches(image, images, batch_size=batch_size) or (None, None)
-  return {"features": features, "img": img,
-          "txt": evaluate.in_batches(text, second, batch_size=batch_size)}
+  text = lambda p, t: model.apply(p, t, method=model.encode_text)[1]
+  features, img = evaluate.in_batches(image, params, evaluate.batches_of(
+      images, batch_size=batch_size)) or (None, None)
+  return {"features": features, "img": img, "txt": evaluate.in_batches(
+      text, params, evaluate.batches_of(second, batch_size=batch_size))}

@@ -3,12 +3,11 @@ image through one encoder + projection head, any library loss between them.
 
 The host crops (uint8, `pipeline.TwoViews`); the step augments each view on the
 device (`augment.photometric`); evaluation streams embeddings batch by batch
-(`pipeline.eval_batches`, `evaluate.embed_batches`)."""
+(`pipeline.eval_batches`, `evaluate.in_batches`)."""
 
 from typing import Any, Optional
 
 import jax
-import ml_collections
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
@@ -23,24 +22,32 @@ from contrastive_jax.tasks import base
 
 
 class TwoView(base.Task):
-  """cfg: model, head_hidden, proj_dim, augment, loss, temperature, loss_options, knn_k;
-  optional image_size (default: the images' own), eval_crop_fraction, eval_batch_size,
-  dtype (compute dtype, default float32), norm (the ResNets': group or batch).
+  """A two-view objective: an encoder and projection head (`fields`: the model, its
+  augmentations, its loss and the probes' settings).
 
   With norm=batch the state holds the BatchNorm running averages (`batch_stats`): the
   step normalises each layer by the statistics of the global batch of both views (2B
   examples) and updates the averages; evaluation normalises with the averages."""
 
+  fields = dict(
+      model=base.REQUIRED, head_hidden=base.REQUIRED, proj_dim=base.REQUIRED,
+      augment=base.REQUIRED, loss=base.REQUIRED, temperature=base.REQUIRED,
+      loss_options=base.REQUIRED,
+      norm="group",  # the ResNets': group | batch
+      image_size=None,  # None: the images' own
+      knn_k=20,  # the kNN probe's neighbours
+      eval_crop_fraction=1.0,  # evaluation: a centre crop of this fraction, resized
+      eval_batch_size=256)
   batch_keys = ("view1", "view2", "index")
   mutable_on_resume = ("knn_k",)
   evaluators = {"knn": "eval_knn", "linear_probe": "eval_linear", "rank": "eval_rank"}
 
-  def __init__(self, cfg, train_src):
-    super().__init__(cfg, train_src)
-    self.batch_norm = cfg.get("norm", "group") == "batch"
-    self.model = encoders.get_model(cfg.model, cfg.head_hidden, cfg.proj_dim,
-                                    dtype=cfg.get("dtype", "float32"),
-                                    norm=cfg.get("norm", "group"), axis_name=encoders.VIEWS_AXIS)
+  def __init__(self, cfg, train_src, eval_src=None):
+    super().__init__(cfg, train_src, eval_src)
+    cfg = self.cfg
+    self.batch_norm = cfg.norm == "batch"
+    self.model = encoders.get_model(cfg.model, cfg.head_hidden, cfg.proj_dim, dtype=cfg.dtype,
+                                    norm=cfg.norm, axis_name=encoders.VIEWS_AXIS)
     if self.batch_norm:
       self.eval_keys = ("params", "batch_stats")
     self.loss_fn, self.loss_state = L.registry.make(
@@ -50,12 +57,13 @@ class TwoView(base.Task):
                        "task takes a two-view loss (nt_xent, dcl, sogclr, gamma, ...)")
     self.augment = aug_lib.AugmentConfig(**cfg.augment)
     self.channels = pipeline.channels_of(train_src)
-    self.size = cfg.get("image_size")
+    self.size = cfg.image_size
     if self.size:
       self.image_shape = (self.size, self.size, self.channels)
 
-  def check_eval(self, cfg: ml_collections.ConfigDict) -> None:
-    super().check_eval(cfg)
+  def check_eval(self) -> None:
+    super().check_eval()
+    cfg = self.cfg
     if "knn" in cfg.evals:
       n = len(self.train_src) if cfg.eval_limit is None else min(cfg.eval_limit,
                                                                   len(self.train_src))
@@ -115,18 +123,18 @@ class TwoView(base.Task):
   def eval_data(self, limit: Optional[int]=None) -> Any:
     """The (train, test) sources and the limit: nothing is loaded until an evaluation
     streams them."""
-    test_src = pipeline.get_source(self.cfg.dataset, self.cfg.eval_split, self.cfg.data_dir)
-    return self.train_src, test_src, limit
+    return self.train_src, self.eval_src, limit
 
   def prepare(self, params: Any, data: Any) -> dict:
     train_src, test_src, limit = data
     transform = pipeline.EvalImage(self.size, self.channels,
-                                   self.cfg.get("eval_crop_fraction", 1.0))
-    features = lambda p, x: self.model.apply(p, aug_lib.to_float(x), train=False)[0].astype(
-        jnp.float32)
-    embed = lambda src: evaluate.embed_batches(features, params, pipeline.eval_batches(
-        src, transform, self.cfg.get("eval_batch_size", 256), limit,
-        threads=max(1, self.cfg.get("data_threads", 2))))
+                                   self.cfg.eval_crop_fraction)
+    features = lambda p, x, y: (self.model.apply(p, aug_lib.to_float(x), train=False)[0]
+                                .astype(jnp.float32), y)
+    embed = lambda src: evaluate.in_batches(features, params, (
+        (b["image"], b["label"]) for b in pipeline.eval_batches(
+            src, transform, self.cfg.eval_batch_size, limit,
+            threads=max(1, self.cfg.data_threads))))
     (tr, tr_y), (te, te_y) = embed(train_src), embed(test_src)
     return {"train": tr, "test": te, "train_y": tr_y, "test_y": te_y,
             "num_classes": int(max(tr_y.max(), te_y.max()) + 1)}
