@@ -30,7 +30,7 @@ MUTABLE_ON_RESUME = (
     "num_steps", "log_every", "progress", "evals", "eval_limit", "eval_split",
     "checkpoint_every",
     "keep_checkpoints", "data_dir", "data_threads", "data_workers", "data_cache", "distributed", "fsdp", "skip_nonfinite",
-    "progress_every_s", "tensorboard", "stop_timeout_s",
+    "progress_every_s", "tensorboard", "wandb", "stop_timeout_s",
     "lock_stale_s")
 
 

@@ -15,6 +15,7 @@ from typing import Optional
 import ml_collections
 
 from contrastive_jax import checkpointing
+from contrastive_jax import sharding
 from contrastive_jax import tasks
 from contrastive_jax import workdir
 from contrastive_jax.data import pipeline
@@ -40,6 +41,7 @@ def main(argv: Optional[list[str]] = None) -> None:
   parser.add_argument("--evaluators", default=None,
                       help="comma-separated evaluators (default: the config's evals with final=True)")
   args = parser.parse_args(argv)
+  sharding.use_compilation_cache()
   try:
     cfg, state, task = load(args.workdir, args.step)
     names = args.evaluators or ",".join(n for n, e in cfg.get("evals", {}).items() if e.final)

@@ -118,6 +118,7 @@ def main(argv: list[str]) -> None:
   from contrastive_jax.data import pipeline
   from contrastive_jax import workdir as workdir_lib
   _quiet_background_failures()
+  sharding.use_compilation_cache()
   f = _define_flags()
   if f["config"].value is None or f["workdir"].value is None:
     sys.exit("error: --config and --workdir are required, e.g. "

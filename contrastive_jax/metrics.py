@@ -10,6 +10,8 @@ and inside a training step. References:
   Roy & Vetterli, "The effective rank", EUSIPCO 2007.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -63,6 +65,7 @@ def uniformity(z: jax.Array, t: float = 2.0) -> jax.Array:
   return jax.nn.logsumexp(logits) - jnp.log(b * (b - 1.0))
 
 
+@functools.partial(jax.jit, static_argnames="center")
 def effective_rank(z: jax.Array, center: bool = True) -> jax.Array:
   """exp(entropy of the normalised singular values) of z [B, D]; in [1, min(B, D)].
 

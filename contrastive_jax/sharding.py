@@ -20,6 +20,18 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 BATCH_AXES = ("data", "fsdp")  # the batch (and the loss's axis_name) spans both mesh axes
 
 
+COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "contrastive_jax", "jax")
+
+
+def use_compilation_cache() -> None:
+  """Turns on XLA's persistent compilation cache for the command-line tools: a program
+  compiled once (a run's step, its evaluation's embedding, kNN and probe) is read back
+  by the next run or evaluation of the same shapes, e.g. `contrastive-jax-evaluate` after
+  the training run. $JAX_COMPILATION_CACHE_DIR, when set, is JAX's own choice of place."""
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
+
+
 def initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
   """Joins a multi-process run when cfg.distributed.initialize is set.
 

@@ -6,6 +6,7 @@ GSPMD and the task's contrastive terms run per device in `shard_map`. The loop
 around them is `contrastive_jax.train`.
 """
 
+import importlib.util
 import math
 from typing import Callable, NamedTuple, Optional
 
@@ -37,6 +38,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     v = cfg.get(name, default)
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
       raise ValueError(f"--config.{name}={v!r}: must be a number > 0")
+  if cfg.get("wandb", {}).get("project") and importlib.util.find_spec("wandb") is None:
+    raise ValueError(f"--config.wandb.project={cfg.wandb.project!r} needs the wandb package: "
+                     "pip install 'contrastive_jax[wandb]'")
   if cfg.get("eval_limit") is not None:
     _positive_int(cfg, "eval_limit")
   for name in ("learning_rate", "weight_decay"):

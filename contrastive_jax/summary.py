@@ -13,6 +13,7 @@ import datetime
 import io
 import math
 import os
+import secrets
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -194,8 +195,46 @@ class WriteError(OSError):
   """A file of the run could not be written (a full disk, a read-only workdir)."""
 
 
+class WandbWriter:
+  """Train and eval scalars of a run in Weights & Biases (the `wandb` extra), under the
+  same names as TensorBoard's ("train/loss", "eval/knn_top1", "final/...").
+
+  The W&B run's id is kept in the workdir (wandb_id), so a resumed run continues the
+  same W&B run. W&B keeps a step's first value: steps that a preempted run logged after
+  its last checkpoint are not logged again on resume (metrics.jsonl and TensorBoard drop
+  and rewrite them). WANDB_MODE=offline writes the run locally, for `wandb sync`.
+  """
+
+  def __init__(self, workdir: Any, options: Any, config: dict):
+    import wandb  # optional (the wandb extra): only runs that log to W&B import it
+    id_file = workdir_lib.join(workdir, "wandb_id")
+    run_id = (epath.Path(id_file).read_text().strip() if epath.Path(id_file).exists()
+              else secrets.token_hex(6))
+    workdir_lib.write_text(id_file, run_id)
+    local = "://" not in os.fspath(workdir)
+    try:
+      self.run = wandb.init(
+          project=options.project, entity=options.get("entity"), name=options.get("name"),
+          id=run_id, resume="allow", config=config, mode=options.get("mode"),
+          dir=options.get("dir") or (os.fspath(workdir) if local else None))
+    except Exception as e:  # noqa: BLE001  (W&B raises many kinds: network, login, ...)
+      raise WriteError(f"cannot start the W&B run {run_id}: {type(e).__name__}: {e}") from None
+
+  def write(self, step: int, record: dict, prefix: str) -> None:
+    self.run.log(scalars(record, prefix), step=step)
+
+  def flush(self) -> None:
+    pass  # W&B's own process writes and uploads in the background
+
+  def close(self) -> None:
+    if self.run is not None:
+      run, self.run = self.run, None
+      run.finish()
+
+
 class MetricWriter:
-  """The one place a run's records go: metrics.jsonl, TensorBoard and the console.
+  """The one place a run's records go: metrics.jsonl, TensorBoard, W&B (`wandb`: a
+  WandbWriter, or None) and the console.
 
   Every write is fenced: `fence()` (the workdir lock's check) must hold first, or
   `workdir.LockLost` is raised and nothing is written. A sink that fails raises
@@ -204,15 +243,18 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: Any, start: int, *, enabled: bool, tensorboard: bool,
-               progress: Progress, fence: Callable[[], bool]):
+               progress: Progress, fence: Callable[[], bool],
+               wandb: Optional[Callable[[], Any]] = None):
     self.workdir, self.enabled, self.fence = workdir, enabled, fence
     self.progress = progress
     self.dead: Optional[str] = None
     self.log = self.tb = None
+    self.sinks = []  # what every record goes to besides metrics.jsonl
     if enabled:
       self.guarded(lambda: None)
       self.log = self._io(lambda: workdir_lib.MetricsLog(workdir, start))
       self.tb = self._io(lambda: Writer(workdir, start, enabled=tensorboard))
+      self.sinks = [self.tb] + ([self._io(wandb)] if wandb else [])
 
   @classmethod
   def for_run(cls, cfg: Any, workdir: Any, start: int, lead: bool,
@@ -221,8 +263,11 @@ class MetricWriter:
     progress line, and config.json written beside the records."""
     progress = Progress(cfg.num_steps, start, cfg.batch_size, enabled=lead and cfg.progress,
                         every_s=cfg.get("progress_every_s", 60.0))
+    options = cfg.get("wandb", {})
+    wandb = (lambda: WandbWriter(workdir, options, cfg.to_dict())) if options.get(
+        "project") else None
     writer = cls(workdir, start, enabled=lead, progress=progress,
-                 tensorboard=cfg.get("tensorboard", True), fence=fence)
+                 tensorboard=cfg.get("tensorboard", True), fence=fence, wandb=wandb)
     if lead:
       writer.guarded(lambda: workdir_lib.write_text(
           workdir_lib.join(workdir, "config.json"), cfg.to_json(indent=2)))
@@ -268,14 +313,15 @@ class MetricWriter:
     """Appends {"step", "phase", **record} to the log and record's numbers to TensorBoard."""
     if not self.enabled:
       return
-    def both():
+    def every():
       self.log.write({"step": step, "phase": phase, **record})
-      self.tb.write(step, {k: v for k, v in record.items() if k != "random_init"}, phase)
-    self.guarded(both)
+      for sink in self.sinks:
+        sink.write(step, {k: v for k, v in record.items() if k != "random_init"}, phase)
+    self.guarded(every)
 
   def flush(self) -> None:
     if self.enabled:
-      self.guarded(lambda: (self.log.flush(), self.tb.flush()))
+      self.guarded(lambda: (self.log.flush(), *(s.flush() for s in self.sinks)))
 
   def close(self) -> None:
     """Flushes and closes what still can be (never raises: the run is ending)."""
@@ -285,9 +331,9 @@ class MetricWriter:
         self.flush()
       except (OSError, workdir_lib.WorkdirError):
         pass
-    if self.tb is not None:
+    for sink in self.sinks:
       try:
-        self.tb.close()
-      except OSError:
+        sink.close()
+      except Exception:  # noqa: BLE001  (the run is ending; W&B raises many kinds)
         pass
-      self.tb = None
+    self.sinks, self.tb = [], None

@@ -163,6 +163,60 @@ def test_tensorboard_events_are_written_and_read_back(data_dir, tmp_path):
   assert purges == [5]
 
 
+def wandb_history(run_file: str) -> list[dict]:
+  """The history rows ({"_step", name: value}) of an offline W&B run's transaction log:
+  LevelDB-style records (7-byte file header; in 32 KiB blocks, each record a crc32, a
+  2-byte length and a type: 1 whole, 2 first, 3 middle, 4 last) of W&B Record protos."""
+  from wandb.proto import wandb_internal_pb2
+  data = open(run_file, "rb").read()
+  assert data[:4] == b":W&B", data[:7]
+  pos, parts, rows = 7, [], []
+  while pos + 7 <= len(data):
+    if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+      pos += 32768 - pos % 32768
+      continue
+    length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+    parts = [data[pos + 7:pos + 7 + length]] if kind in (1, 2) else parts + [
+        data[pos + 7:pos + 7 + length]]
+    pos += 7 + length
+    if kind in (1, 4):
+      record = wandb_internal_pb2.Record.FromString(b"".join(parts))
+      if record.WhichOneof("record_type") == "history":
+        rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                     for item in record.history.item})
+  return rows
+
+
+@pytest.mark.slow
+def test_wandb_offline_history_matches_metrics_jsonl(data_dir, tmp_path, monkeypatch):
+  """--config.wandb.project with WANDB_MODE=offline: the W&B run's history holds every
+  number of metrics.jsonl at its step, under TensorBoard's names; a resumed run continues
+  the same W&B run."""
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  work = str(tmp_path / "w")
+  cfg = small_config(data_dir, num_steps=10, log_every=5, at_init=("knn",), every={"knn": 5})
+  cfg.wandb.project = "contrastive-jax-test"
+  train.train_and_evaluate(cfg, work, stop_at=5)
+  cfg.num_steps = 15
+  train.train_and_evaluate(cfg, work)
+  runs = glob.glob(os.path.join(work, "wandb", "offline-run-*", "run-*.wandb"))
+  run_id = open(os.path.join(work, "wandb_id")).read().strip()
+  assert len(runs) == 2 and all(r.endswith(f"run-{run_id}.wandb") for r in runs), runs
+  logged = {}
+  for run in sorted(runs):
+    for row in wandb_history(run):
+      logged.setdefault(row["_step"], {}).update(row)
+  metrics = [json.loads(l) for l in open(os.path.join(work, "metrics.jsonl"))]
+  assert {r["phase"] for r in metrics} == {"train", "eval", "final"}
+  for r in metrics:
+    want = summary.scalars({k: v for k, v in r.items() if k not in ("step", "phase",
+                                                                      "random_init")}, r["phase"])
+    assert want, r
+    for name, value in want.items():
+      assert logged[r["step"]][name] == pytest.approx(value, rel=1e-6), (r["step"], name)
+
+
 def test_progress_is_plain_lines_every_n_seconds_when_not_a_terminal():
   stream = io.StringIO()  # not a tty, as under nohup
   progress = summary.Progress(100, 0, 32, enabled=True, every_s=3600, stream=stream)

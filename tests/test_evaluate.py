@@ -136,3 +136,19 @@ def test_in_batches_over_arrays_equals_one_call_on_any_batch_size():
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6, err_msg=f"seed {seed}")
     np.testing.assert_array_equal(got[1], want[1])
   assert E.in_batches(fn, params, E.batches_of(x[:0], t[:0])) is None
+
+
+def test_a_masked_logistic_fit_equals_the_fit_on_the_subset():
+  """The probe fits its candidates on a 0/1 mask of the train set (one shape, one
+  compilation): the same model as fitting the subset's rows alone."""
+  seed = 5
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(300, 8)).astype(np.float32)
+  y = (x[:, 0] + 0.5 * rng.normal(size=300) > 0).astype(np.int32) + 2 * (x[:, 1] > 0)
+  mask = (rng.random(300) < 0.7).astype(np.float32)
+  a = E.fit_logistic(x, y, num_classes=4, weight_decay=1e-3, sample_weight=mask)
+  b = E.fit_logistic(x[mask > 0], y[mask > 0], num_classes=4, weight_decay=1e-3)
+  for k in ("w", "b"):
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-3, atol=1e-3, err_msg=f"seed {seed}")
+  full = E.fit_logistic(x, y, num_classes=4, weight_decay=1e-3)
+  assert np.abs(np.asarray(full["w"]) - np.asarray(a["w"])).max() > 1e-2  # the mask matters

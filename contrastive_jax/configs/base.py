@@ -63,6 +63,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.progress = True  # a bar on a terminal; otherwise a plain line every progress_every_s
   c.progress_every_s = 60.0
   c.tensorboard = True  # event files (train/*, eval/*) beside metrics.jsonl
+  # Weights & Biases (the wandb extra): set project to log the same records there. mode:
+  # None (W&B's default, or $WANDB_MODE), online, offline or disabled; dir: where W&B keeps
+  # its files (default: the workdir when local).
+  c.wandb = ml_collections.ConfigDict(dict(
+      project=config_dict.placeholder(str), entity=config_dict.placeholder(str),
+      name=config_dict.placeholder(str), mode=config_dict.placeholder(str),
+      dir=config_dict.placeholder(str)))
   # Once asked to stop (a signal, a failed write, a lost lock), exit within this many
   # seconds even if a write or another process blocks (code 1, one line).
   c.stop_timeout_s = 300.0
