@@ -179,6 +179,24 @@ def catalogue() -> str:
   return "\n".join(f"{title}:\n  {', '.join(names)}" for title, names in rows)
 
 
+def _config_help(argv: list[str]) -> str:
+  """With --help and --config NAME_OR_FILE: that config's fields with their values (what
+  --config.FIELD=VALUE overrides); else a hint that they can be listed."""
+  if not any(a in ("--help", "-h", "--helpshort", "--helpfull", "-?") for a in argv[1:]):
+    return ""
+  from contrastive_jax import configs
+  spec = next((a.split("=", 1)[1] if "=" in a else argv[i + 2] if i + 2 < len(argv) else None
+               for i, a in enumerate(argv[1:]) if a == "--config" or a.startswith("--config=")),
+              None)
+  if not spec:
+    return "fields: --help --config NAME lists a config's fields and their values\n"
+  try:
+    cfg = configs.load(spec)
+  except Exception as e:  # noqa: BLE001  (a config file may raise anything)
+    return f"fields: cannot load --config {spec}: {e}\n"
+  return f"fields of {spec} (--config.FIELD=VALUE):\n  " + "\n  ".join(configs.fields(cfg)) + "\n"
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a one-line error (and the nearest name, which
   ml_collections suggests) for a bad --config override instead of a traceback."""
@@ -209,8 +227,9 @@ def cli() -> None:
     sys.exit(f"error: the trainer needs the 'train' extra ({e.name} is not installed): "
              "pip install '.[train]' from a checkout")
   _define_flags()
-  # absl's --help prints the __main__ module's docstring: add what a run can name.
-  sys.modules["__main__"].__doc__ = f"{__doc__}\n{catalogue()}\n"
+  # absl's --help prints the __main__ module's docstring: add what a run can name, and
+  # with --config, that config's fields and their values.
+  sys.modules["__main__"].__doc__ = f"{__doc__}\n{catalogue()}\n{_config_help(sys.argv)}"
   app.run(main, flags_parser=_parse_flags)
 
 

@@ -112,14 +112,9 @@ def parse_override(text: str) -> tuple[str, object]:
 def load_config(path: str, overrides: dict):
   """The trainer's config from a config file (or a packaged config's name) with
   {dotted field: value} overrides applied, as `--config.FIELD=VALUE` flags would."""
-  import importlib.util
   from contrastive_jax import configs
   name = os.path.splitext(os.path.basename(path))[0]
-  file = configs.path(name) if name in configs.NAMES else path
-  spec = importlib.util.spec_from_file_location(f"_ablation_config_{name}", file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config()
+  cfg = configs.load(name if name in configs.NAMES else path)
   for key, value in overrides.items():
     *parents, leaf = key.split(".")
     node = cfg

@@ -234,19 +234,29 @@ def plot_summary(rows, out):
   if len({a for a, _ in pts}) < 2:
     return
   xs = sorted({a for a, _ in pts})
-  n = min(sum(1 for a, _ in pts if a == x) for x in xs)
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for key, label in (("linear_probe/position_from_img", "position (image only)"),
-                     ("linear_probe/writer_from_txt", "writer (caption only)"),
-                     ("zero_shot/top1", "zero-shot digit"), ("modality_gap", "modality gap")):
-    vals = [[r[key] for a, r in pts if a == x] for x in xs]
-    ax.errorbar([x + 0.1 for x in xs], [np.mean(v) for v in vals],
-                yerr=[np.std(v) for v in vals], marker="o", capsize=3, label=label)
-  ax.set_xscale("log")
-  ax.set_ylim(0, 1.05)
-  ax.set_xlabel("explicit alignment weight (+0.1)")
-  ax.set_title(f"Two-tower, captioned digits: forcing alignment ({n}+ seeds, mean ± std)")
-  ax.legend(fontsize=8)
+  counts = sorted({sum(1 for a, _ in pts if a == x) for x in xs})
+  seeds = f"n = {counts[0]} seeds" if len(counts) == 1 else f"n = {counts[0]}-{counts[-1]} seeds"
+  fig, (acc, gap) = plt.subplots(1, 2, figsize=(9, 3.8), width_ratios=(3, 2))
+  panels = ((acc, (("zero_shot/top1", "zero-shot digit"),
+                   ("linear_probe/position_from_img", "position from the image emb."),
+                   ("linear_probe/writer_from_txt", "writer from the text emb.")),
+             "accuracy (test)", (0, 1.05)),
+            (gap, (("modality_gap", "modality gap"),), "gap: distance between modality means",
+             None))
+  for ax, series, ylabel, ylim in panels:
+    for key, label in series:
+      vals = [[r[key] for a, r in pts if a == x] for x in xs]
+      ax.errorbar([x + 0.1 for x in xs], [np.mean(v) for v in vals],
+                  yerr=[np.std(v) for v in vals], marker="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("weight of ||img - txt||^2 (+0.1 on the log axis)")
+    ax.set_ylabel(ylabel)
+    if ylim:
+      ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+  acc.legend(fontsize=8, loc="lower left")
+  fig.suptitle("Two-tower on captioned digits: forcing the modalities together "
+               f"(mean ± std, {seeds})", fontsize=10)
   fig.tight_layout()
   fig.savefig(os.path.join(out, "alignment.png"), dpi=100)
   plt.close(fig)
@@ -267,7 +277,8 @@ def plot_embeddings(rows, out, n=500):
     _, state, task = eval_checkpoint.load(r["workdir"])
     _, test = task.eval_data(limit=1)
     e = task.embed_all(state["params"], test["image"][:n], test["captions"][:n, 0])
-    plot.plot_modalities(e["img"], e["txt"], path, test["label"][:n])
+    plot.plot_modalities(e["img"], e["txt"], path, test["label"][:n],
+                         title=f"two-tower {r['variant']}, seed 0")
 
 
 if __name__ == "__main__":

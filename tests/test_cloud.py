@@ -283,6 +283,24 @@ def test_help_names_configs_losses_models_and_datasets_fast():
   assert took < 15, took
 
 
+def test_help_with_a_config_lists_its_fields_and_values(tmp_path):
+  """--help --config NAME (or a file, or =NAME:smoke) lists every field with its value."""
+  from contrastive_jax import configs
+  for spec, want in (("mnist_gamma", configs.load("mnist_gamma")),
+                     (os.path.join(ROOT, "configs", "captions_clip.py"),
+                      configs.load("captions_clip")),
+                     ("mnist_gamma:smoke", configs.load("mnist_gamma:smoke"))):
+    form = ["--config", spec] if ":" not in spec else [f"--config={spec}"]
+    out = subprocess.run([sys.executable, "-m", "contrastive_jax.train", "--help", *form],
+                         capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-1000:]
+    listed = [l.strip() for l in out.stdout.splitlines() if l.strip().startswith("--config.")]
+    assert listed == configs.fields(want) and len(listed) > 40, (spec, len(listed))
+    assert f"--config.batch_size={want.batch_size!r}" in listed
+    assert f"--config.num_steps={want.num_steps!r}" in listed
+  assert configs.load("mnist_gamma:smoke").num_steps != configs.load("mnist_gamma").num_steps
+
+
 # ----------------------------------------------------------------------------
 # Launch script.
 

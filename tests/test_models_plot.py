@@ -32,6 +32,17 @@ def test_plots_are_written(tmp_path):
   (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
   plot.main(["--workdir", str(tmp_path)])
   assert (tmp_path / "curves.png").stat().st_size > 1000
+  # With the run's config.json, the loss panel names the loss and its temperature.
+  (tmp_path / "config.json").write_text(json.dumps({"loss": "gamma", "temperature": 0.1}))
+  drawn = {}
+  real = plot.plot_curves
+  plot.plot_curves = lambda records, path, config=None: drawn.update(config=config) or real(
+      records, path, config=config)
+  try:
+    plot.main(["--workdir", str(tmp_path)])
+  finally:
+    plot.plot_curves = real
+  assert plot.titles(drawn["config"])["loss"][0] == "training loss: gamma (t = 0.1)"
   rng = np.random.default_rng(0)
   out = plot.plot_modalities(rng.normal(size=(20, 4)), rng.normal(size=(20, 4)),
                              str(tmp_path / "gap.png"), labels=rng.integers(0, 3, 20))
