@@ -330,20 +330,25 @@ def _flat(d: Any, prefix: str = "") -> dict:
 
 
 def config_changes(old: dict, cfg: ml_collections.ConfigDict,
-                   mutable_fields: Sequence[str] = MUTABLE_ON_RESUME) -> list[str]:
+                   mutable_fields: Sequence[str] = MUTABLE_ON_RESUME,
+                   renamed: Optional[dict] = None) -> list[str]:
   """Dotted fields that differ between a stored config and cfg, except those that
-  may change on resume (`mutable_fields`, prefixes of dotted paths)."""
+  may change on resume (`mutable_fields`, prefixes of dotted paths); `renamed` maps a
+  stored field's old dotted name to its new one."""
   new = json.loads(cfg.to_json())  # tuples -> lists, as stored
   a, b = _flat(old), _flat(new)
+  a = {(renamed or {}).get(k, k): v for k, v in a.items()}
   mutable = lambda k: any(k == m or k.startswith(m + ".") for m in mutable_fields)
   return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
           for k in sorted(set(a) | set(b)) if not mutable(k) and a.get(k) != b.get(k)]
 
 
 def check_resume(cfg: ml_collections.ConfigDict, workdir: workdir_lib.PathLike,
-                 mngr: ocp.CheckpointManager, task_mutable: Sequence[str] = ()) -> None:
+                 mngr: ocp.CheckpointManager, task_mutable: Sequence[str] = (),
+                 renamed: Optional[dict] = None) -> None:
   """Raises ValueError (one line) for a config that differs from the workdir's stored one
-  in a field other than MUTABLE_ON_RESUME and the task's own `task_mutable`."""
+  in a field other than MUTABLE_ON_RESUME and the task's own `task_mutable` (`renamed`:
+  old dotted names of fields the stored config may still use -> new)."""
   if not mngr.all_steps():
     return
   old = stored_config(workdir)
@@ -353,7 +358,7 @@ def check_resume(cfg: ml_collections.ConfigDict, workdir: workdir_lib.PathLike,
         "config.json, so this config cannot be checked against theirs: put the run's "
         "config.json back, or use a new --workdir")
   mutable = (*MUTABLE_ON_RESUME, *task_mutable)
-  changes = config_changes(old, cfg, mutable)
+  changes = config_changes(old, cfg, mutable, renamed)
   if changes:
     raise ValueError(
         f"workdir {workdir} holds a run with a different config ({'; '.join(changes)}); "

@@ -197,12 +197,29 @@ def _config_help(argv: list[str]) -> str:
   return f"fields of {spec} (--config.FIELD=VALUE):\n  " + "\n  ".join(configs.fields(cfg)) + "\n"
 
 
+def _renamed_options(argv: list[str]) -> list[str]:
+  """argv with renamed loss options (--config.loss_options.gamma.rate_decay=...) under their
+  new names, each with a warning: the old names work for one release."""
+  from contrastive_jax.losses import registry
+  out = []
+  for a in argv:
+    for loss, names in registry.renamed_options().items():
+      for old, new in names.items():
+        flag = f"--config.loss_options.{loss}.{old}"
+        if a == flag or a.startswith(flag + "="):
+          print(f"warning: {flag} is now --config.loss_options.{loss}.{new} (the old name "
+                "will be removed in the next release)", file=sys.stderr)
+          a = f"--config.loss_options.{loss}.{new}" + a[len(flag):]
+    out.append(a)
+  return out
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a one-line error (and the nearest name, which
   ml_collections suggests) for a bad --config override instead of a traceback."""
   from absl import flags
   try:
-    return flags.FLAGS(resolve_config(argv))
+    return flags.FLAGS(_renamed_options(resolve_config(argv)))
   except SystemExit:  # absl exits 1 after printing --help; asking for help is no error
     if any(a in ("--help", "-h", "--helpshort", "--helpfull", "-?") for a in argv[1:]):
       sys.exit(0)

@@ -30,6 +30,14 @@ from contrastive_jax import stopping
 from contrastive_jax import summary
 from contrastive_jax import workdir as workdir_lib
 from contrastive_jax.data import pipeline
+from contrastive_jax.losses import registry
+
+
+def renamed_fields() -> dict:
+  """{old dotted config field: new} of the renamed loss options (a stored config.json of
+  an earlier release still uses the old names)."""
+  return {f"loss_options.{loss}.{old}": f"loss_options.{loss}.{new}"
+          for loss, names in registry.renamed_options().items() for old, new in names.items()}
 
 
 def _print(*args):
@@ -126,7 +134,7 @@ def _open_writer(cfg, workdir, start, lock) -> summary.MetricWriter:
 def _train(cfg, workdir, stop_at, setup, lock, mesh, stop) -> dict:
   task = setup.task
   mngr = checkpointing.manager(workdir)
-  checkpointing.check_resume(cfg, workdir, mngr, task.mutable_on_resume)
+  checkpointing.check_resume(cfg, workdir, mngr, task.mutable_on_resume, renamed_fields())
   shardings = step_lib.shardings(setup, mesh)
   state, mngr = _start(cfg, workdir, setup, mesh, shardings, mngr)
   start = int(state["step"])

@@ -46,8 +46,8 @@ def contrastive(name: str, z1, z2, state, index, key, axis_name=None):
   if name == "nt_xent":
     return losses.nt_xent(z1, z2, temperature=T, axis_name=axis_name), state
   # eps = 1 and a moving-average weight of 0.5: the trainer's settings for two views.
-  return losses.gamma_loss(z1, z2, state, index, key, temperature=T, shape=math.inf,
-                           rate_decay=0.5, axis_name=axis_name)
+  return losses.gamma_loss(z1, z2, state, index, key, temperature=T, eps_shape=math.inf,
+                           rate=0.5, axis_name=axis_name)
 
 
 def held_out_infonce(model: nn.Module, params) -> float:

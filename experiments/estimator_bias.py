@@ -11,7 +11,7 @@ the bias of the estimator itself. Rows: minibatch InfoNCE (nt_xent without the
 positive in the denominator, the same objective), the gamma loss with u drawn from the
 pre-update estimate (the default) and with SogCLR's order (update_first=True), the
 relative estimator (offsets from a running level) and the global estimator, against
-rate_decay. Results: experiments/results/estimator_bias.json.
+rate. Results: experiments/results/estimator_bias.json.
 """
 
 import argparse
@@ -85,7 +85,7 @@ def exact_biases(n: int = 32, b: int = 4, temperature: float = 0.5,
     def gamma(update_first, estimator="per_example"):
       state = {"per_example": {"log_z": log_z}, "global": {"log_z": log_zbar}}[estimator]
       return lambda a, c, i: L.gamma_loss(a, c, state, i, key, temperature=temperature,
-                                          shape=float("inf"), rate_decay=rate,
+                                          eps_shape=float("inf"), rate=rate,
                                           estimator=estimator, update_first=update_first)[0]
     for row, fn in (("gamma", gamma(False)), ("gamma_update_first", gamma(True)),
                     ("gamma_global", gamma(False, "global"))):

@@ -8,10 +8,10 @@ per step; its log Zb = log mean_j exp(theta x_j) and positive logit a theta go t
 the library's `losses.decomposable_loss` (the E/M step of `gamma_loss`), with a one-entry
 state, so what runs here is the library's estimator:
   infonce             -a + sum_j x_j e^{theta x_j} / sum_j e^{theta x_j}  (biased, O(1/B))
-  sogclr              decomposable_loss(update_first=True, shape=inf, max_ratio=inf):
+  sogclr              decomposable_loss(update_first=True, eps_shape=inf, max_ratio=inf):
                       SogCLR's gradient, u from the estimate that holds the batch
-  gamma               decomposable_loss with its default options (shape 1, u from the
-                      pre-update estimate, max_ratio 100, rate_decay 0.01)
+  gamma               decomposable_loss with its default options (eps_shape 1, u from the
+                      pre-update estimate, max_ratio 100, rate 0.01)
   gamma_no_bound      the same with max_ratio = inf
   gamma_update_first  the same with SogCLR's order (the default before 2026-11-25)
 --runs runs from theta_0 ~ U(-1, 3), SGD with lr 0.01 / (1 + t / 2000); the final
@@ -39,7 +39,7 @@ NOISE = {"gauss_s2=0.5": (0.5, 0.0, 1.0), "gauss_s2=1": (1.0, 0.0, 1.0),
 INF = float("inf")
 # Options of decomposable_loss per method (None: minibatch InfoNCE); the rest are defaults.
 METHODS = {"infonce": None,
-           "sogclr": dict(update_first=True, shape=INF, max_ratio=INF),
+           "sogclr": dict(update_first=True, eps_shape=INF, max_ratio=INF),
            "gamma": {},
            "gamma_no_bound": dict(max_ratio=INF),
            "gamma_update_first": dict(update_first=True)}
@@ -103,7 +103,7 @@ def bias_variance(noise, method, batch, key, *, draws):
   s2, p, k = NOISE[noise]
   a = jax.grad(log_mgf)(1.0, s2, p, k)
   state = {"log_z": jnp.full((1, 1), log_mgf(1.0, s2, p, k), jnp.float32)}
-  options = dict(rate_decay=0.0)
+  options = dict(rate=0.0)
 
   def one(key):
     kx, ke = jax.random.split(key)

@@ -84,8 +84,8 @@ def test_ablation_budgets_share_runs_and_compare_by_seed():
 
 
 def test_ablation_overrides_reach_the_trainer_config():
-  assert A.parse_override("--config.loss_options.gamma.shape=inf") == (
-      "loss_options.gamma.shape", float("inf"))
+  assert A.parse_override("--config.loss_options.gamma.eps_shape=inf") == (
+      "loss_options.gamma.eps_shape", float("inf"))
   assert A.parse_override("evals.knn.at_init=False") == ("evals.knn.at_init", False)
   assert A.parse_override("loss=sogclr") == ("loss", "sogclr")
   args = A.parse_args(["--override=--config.learning_rate=0.002"])
@@ -94,7 +94,7 @@ def test_ablation_overrides_reach_the_trainer_config():
   config = A.load_config(args.config, A.run_overrides(cfg, args))
   assert (config.loss, config.batch_size, config.seed, config.temperature) == (
       "gamma", 16, 2, 0.3)
-  assert config.loss_options.gamma.shape == float("inf")
+  assert config.loss_options.gamma.eps_shape == float("inf")
   assert config.loss_options.gamma.rate_schedule == "cosine"
   assert (config.learning_rate, config.warmup_steps, config.num_steps) == (0.002, 20, 400)
   with pytest.raises(ValueError, match="no field 'nope'"):

@@ -33,14 +33,14 @@ def test_a_first_visit_draws_u_from_the_batch_and_a_revisit_from_the_prior():
   fresh = L.init_gamma_state(8)
   # First visit: the estimate is the batch's own, whatever the rate.
   a, state = L.gamma_loss(z1, z2, fresh, index, jax.random.key(1), temperature=t,
-                          shape=float("inf"), rate_decay=0.3)
+                          eps_shape=float("inf"), rate=0.3)
   b, _ = L.gamma_loss(z1, z2, fresh, index, jax.random.key(1), temperature=t,
-                      shape=float("inf"), rate_decay=0.3, update_first=True)
+                      eps_shape=float("inf"), rate=0.3, update_first=True)
   np.testing.assert_allclose(a, b, rtol=1e-6)
   # Revisit with a known prior: u = 1 / prior, not 1 / the updated estimate.
   prior = {"log_z": jnp.full((2, 8), 0.7)}
   value, new = L.gamma_loss(z1, z2, prior, index, jax.random.key(1), temperature=t,
-                            shape=float("inf"), rate_decay=0.3)
+                            eps_shape=float("inf"), rate=0.3)
   u1, u2 = (z / jnp.linalg.norm(z, axis=1, keepdims=True) for z in (z1, z2))
   u = jnp.concatenate([u1, u2])
   s = u @ u.T / t

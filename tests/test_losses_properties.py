@@ -1,6 +1,8 @@
 """Statistical and API properties of the losses: unbiasedness of the gamma estimator,
 its SogCLR limit, bfloat16, optax parity, jit/vmap, bad input, zero vectors."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,7 +66,7 @@ def test_gamma_gradient_is_unbiased_and_minibatch_infonce_is_not():
   state = {"log_z": _exact_log_z(p1, p2)}  # exact denominators, held fixed (rate 0)
 
   gamma = _mc_gradients(lambda a, b, idx, key: L.gamma_loss(  # the paper's form: eps drawn
-      a, b, state, idx, key, temperature=T, shape=1.0, rate_decay=0.0)[0])
+      a, b, state, idx, key, temperature=T, eps_shape=1.0, rate=0.0)[0])
   infonce = _mc_gradients(lambda a, b, idx, key: L.dcl_loss(a, b, temperature=T))
   gamma_bias, gamma_noise = _relative_bias(gamma, g_full)
   infonce_bias, infonce_noise = _relative_bias(infonce, g_full)
@@ -86,12 +88,12 @@ def test_gamma_shape_to_infinity_gives_sogclr_gradient():
   log_table = jnp.full((2, 40), -jnp.inf).at[:, index[:8]].set(
       jax.random.normal(k[2], (2, 8)))
   sog = jax.grad(lambda a, b: L.sogclr_loss(a, b, {"log_u": log_table}, index, temperature=T,
-                                           gamma=0.3)[0], (0, 1))(z1, z2)
+                                           rate=0.3)[0], (0, 1))(z1, z2)
 
   def gamma_grad(shape):
     return jax.grad(lambda a, b: L.gamma_loss(
-        a, b, {"log_z": log_table}, index, jax.random.key(9), temperature=T, shape=shape,
-        rate_decay=0.3, update_first=True)[0], (0, 1))(z1, z2)
+        a, b, {"log_z": log_table}, index, jax.random.key(9), temperature=T, eps_shape=shape,
+        rate=0.3, update_first=True)[0], (0, 1))(z1, z2)
 
   for g, s in zip(gamma_grad(float("inf")), sog):
     np.testing.assert_allclose(g, s, rtol=1e-5, atol=1e-7)
@@ -204,7 +206,7 @@ def test_learnable_temperature_and_bias_are_traced():
     (lambda z: L.gamma_loss(z[0], z[1], L.init_gamma_state(10), jnp.arange(8), jax.random.key(0),
                             temperature=T, estimator="global"), r"state for estimator='global'"),
     (lambda z: L.gamma_loss(z[0], z[1], L.init_gamma_state(10), jnp.arange(8), jax.random.key(0),
-                            temperature=T, rate_decay=1.5), r"rate_decay must be in \[0, 1\]"),
+                            temperature=T, rate=1.5), r"rate must be in \[0, 1\]"),
     (lambda z: L.gamma_loss(z[0], z[1], L.init_gamma_state(10), jnp.arange(8), jax.random.key(0),
                             temperature=T, estimator="batch"), r"estimator must be one of"),
 ])
@@ -217,9 +219,9 @@ def test_bad_input_errors_name_argument_and_shapes(call, match):
 def test_gamma_defaults_train_and_need_no_key_at_shape_inf():
   """The library's gamma defaults are the trainer's (rate 0.5, eps = 1 for two views), and
   eps = 1 needs no key; a drawn eps without a key is a clear error."""
-  assert L.registry.options("gamma")["rate_decay"] == 0.5
-  assert L.registry.options("gamma")["shape"] == float("inf")
-  assert L.registry.options("gamma_clip")["rate_decay"] == 0.5
+  assert L.registry.options("gamma")["rate"] == 0.5
+  assert L.registry.options("gamma")["eps_shape"] == float("inf")
+  assert L.registry.options("gamma_clip")["rate"] == 0.5
   z1, z2 = jax.random.normal(jax.random.key(0), (2, 8, 4))
   state = L.init_gamma_state(8)
   with_key = L.gamma_loss(z1, z2, state, jnp.arange(8), jax.random.key(3), temperature=0.2)
@@ -238,8 +240,7 @@ def test_registry_passes_progress_to_the_rate_schedule(name):
   index = jnp.arange(8)
   cosine, state = L.registry.make(name, {"rate_schedule": "cosine", "rate_min": 0.3,
                                          "rate_fraction": 0.5}, num_examples=8)
-  rate = "rate_decay" if name == "gamma" else "gamma"
-  constant, _ = L.registry.make(name, {rate: 0.3}, num_examples=8)
+  constant, _ = L.registry.make(name, {"rate": 0.3}, num_examples=8)
   _, state = constant(z2, z1, state, index, jax.random.key(0), temperature=0.2)  # a prior
   got = cosine(z1, z2, state, index, jax.random.key(1), temperature=0.2, progress=0.75)
   want = constant(z1, z2, state, index, jax.random.key(1), temperature=0.2)
@@ -248,3 +249,27 @@ def test_registry_passes_progress_to_the_rate_schedule(name):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), other, want)
   early = cosine(z1, z2, state, index, jax.random.key(1), temperature=0.2, progress=0.1)
   assert not np.allclose(early[1][next(iter(state))], want[1][next(iter(state))])
+
+
+@pytest.mark.parametrize("fn, old, new, value", [
+    ("gamma_loss", "rate_decay", "rate", 0.3), ("gamma_loss", "shape", "eps_shape", 2.0),
+    ("gamma_clip_loss", "rate_decay", "rate", 0.3), ("sogclr_loss", "gamma", "rate", 0.3)])
+def test_renamed_options_still_work_for_one_release_with_a_warning(fn, old, new, value):
+  """One name per concept across the losses (rate: the moving-average weight, eps_shape: the
+  draw's shape); the old keyword gives the same result and a DeprecationWarning, in the
+  function, in the registry (configs) and in a stored config's comparison on resume."""
+  z1, z2 = jax.random.normal(jax.random.key(2), (2, 8, 4))
+  loss = getattr(L, fn)
+  state = L.init_sogclr_state(8) if fn == "sogclr_loss" else L.init_gamma_state(8)
+  args = (z1, z2, state, jnp.arange(8)) + (() if fn == "sogclr_loss" else (jax.random.key(1),))
+  want = loss(*args, temperature=0.2, **{new: value})
+  with pytest.warns(DeprecationWarning, match=f"use {new}="):
+    got = loss(*args, temperature=0.2, **{old: value})
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  with pytest.raises(TypeError, match=f"give {new}= only"):
+    loss(*args, temperature=0.2, **{old: value, new: value})
+  assert old not in inspect.signature(loss).parameters  # the docs show the new name
+  name = {"gamma_loss": "gamma", "gamma_clip_loss": "gamma_clip", "sogclr_loss": "sogclr"}[fn]
+  with pytest.warns(DeprecationWarning, match=f"now {new!r}"):
+    made, _ = L.registry.make(name, {old: value}, num_examples=8)
+  assert L.registry.renamed_options()[name][old] == new

@@ -121,7 +121,7 @@ def test_sogclr_value_grad_state():
   table[:, index[:3]] = rng.normal(size=(2, 3))  # some examples seen before, some new
   loss_ref, table_ref, w = ref.sogclr(z1, z2, table, index, T, 0.9)
   fn = lambda a, b: L.sogclr_loss(a, b, {"log_u": jnp.float32(table)}, jnp.asarray(index),
-                                  temperature=T, gamma=0.9)
+                                  temperature=T, rate=0.9)
   (loss, state), grads = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(
       jnp.float32(z1), jnp.float32(z2))
   assert_close(loss, loss_ref)
@@ -160,7 +160,7 @@ def test_gamma_value_grad_state(layout, include_positive, shape, update_first, m
                              update_first=update_first, max_ratio=float("inf"))
     assert np.any(zhat > unbounded + 1e-3)
   fn = lambda a, b: jax_fn(a, b, {"log_z": jnp.float32(table)}, jnp.asarray(index), key,
-                           temperature=T, shape=shape, rate_decay=rate, max_ratio=max_ratio,
+                           temperature=T, eps_shape=shape, rate=rate, max_ratio=max_ratio,
                            include_positive=include_positive, update_first=update_first)
   (loss, state), grads = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(
       jnp.float32(z1), jnp.float32(z2))
@@ -183,13 +183,13 @@ def test_gamma_global_estimator_state():
   log_zb = ref.neg_log_mean(s, pos).reshape(2, B)
   batch_log_mean = np.log(np.mean(np.exp(log_zb), axis=1))
   loss, state = L.gamma_loss(jnp.float32(z1), jnp.float32(z2), state, None, jax.random.key(0),
-                             temperature=T, shape=float("inf"), rate_decay=0.3,
+                             temperature=T, eps_shape=float("inf"), rate=0.3,
                              estimator="global")
   assert_close(state["log_z"], batch_log_mean)  # first observation initialises
   expected, _ = ref.gamma_em(s, pos, np.repeat(batch_log_mean, B), np.zeros(2 * B))
   assert_close(loss, expected)
   _, state2 = L.gamma_loss(jnp.float32(z2), jnp.float32(z1), state, None, jax.random.key(0),
-                           temperature=T, shape=float("inf"), rate_decay=0.3,
+                           temperature=T, eps_shape=float("inf"), rate=0.3,
                            estimator="global")
   assert_close(state2["log_z"], ref.ema(batch_log_mean, batch_log_mean[::-1], 0.3))
 
@@ -219,7 +219,7 @@ def test_cosine_schedule_value_grad_state(name, progress):
     loss_ref, table_ref, w = ref.sogclr(z1, z2, table, index, T, rate)
     ref_loss = lambda a, b: ref.sogclr(a, b, table, index, T, rate, weights=w)[0]
     fn = lambda a, b: L.sogclr_loss(a, b, {"log_u": jnp.float32(table)}, jnp.asarray(index),
-                                    temperature=T, gamma=0.9, **schedule)
+                                    temperature=T, rate=0.9, **schedule)
   else:
     ref_fn = ref.gamma_two_view if name == "gamma" else ref.gamma_clip
     jax_fn = L.gamma_loss if name == "gamma" else L.gamma_clip_loss
@@ -227,8 +227,8 @@ def test_cosine_schedule_value_grad_state(name, progress):
     loss_ref, table_ref, zhat = ref_fn(z1, z2, table, index, log_eps, T, rate)
     ref_loss = lambda a, b: ref_fn(a, b, table, index, log_eps, T, rate, False, zhat)[0]
     fn = lambda a, b: jax_fn(a, b, {"log_z": jnp.float32(table)}, jnp.asarray(index),
-                             jax.random.key(0), temperature=T, shape=float("inf"),
-                             rate_decay=0.9, **schedule)
+                             jax.random.key(0), temperature=T, eps_shape=float("inf"),
+                             rate=0.9, **schedule)
   (loss, state), grads = jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True))(
       jnp.float32(z1), jnp.float32(z2))
   assert_close(loss, loss_ref)

@@ -80,7 +80,7 @@ def test_sogclr_one_vs_eight_devices(mesh):
   state = {"log_u": state["log_u"].at[:, index[:10]].set(0.5)}
 
   def fn(a, b, idx, axis_name=None):
-    return L.sogclr_loss(a, b, state, idx, temperature=T, gamma=0.9, axis_name=axis_name)
+    return L.sogclr_loss(a, b, state, idx, temperature=T, rate=0.9, axis_name=axis_name)
 
   (v1, s1), g1 = jax.value_and_grad(fn, (0, 1), has_aux=True)(z1, z2, index)
   f8 = jax.shard_map(lambda a, b, i: fn(a, b, i, axis_name="data"), mesh=mesh,
@@ -141,7 +141,7 @@ def test_gamma_sharded_uses_local_negatives(mesh):
   """On 8 devices, with eps = 1 and a known state, the loss is the mean of per-device losses."""
   z1, z2 = inputs(2, seed=5)
   state = {"log_z": jnp.zeros((2,))}
-  kw = dict(temperature=T, shape=float("inf"), rate_decay=0.0, estimator="global")
+  kw = dict(temperature=T, eps_shape=float("inf"), rate=0.0, estimator="global")
   f8 = jax.shard_map(lambda a, b: L.gamma_loss(a, b, state, None, jax.random.key(0),
                                                axis_name="data", **kw)[0],
                      mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P())

@@ -20,6 +20,7 @@ from contrastive_jax import step as step_lib
 from contrastive_jax import checkpointing
 from contrastive_jax import train
 from contrastive_jax import workdir as workdir_lib
+from contrastive_jax import losses as L
 from tests.test_train import eval_flags, schedule, small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -338,8 +339,11 @@ def _env(devices=2):
     (["--config.learning_rate=nan"], "--config.learning_rate=nan: must be a finite number"),
     (["--config.loss=infonce2"], "unknown loss 'infonce2'"),
     (["--workdir=/proc/no/such"], "workdir /proc/no/such is not writable"),
+    (["--config.loss=sogclr", "--config.loss_options.sogclr.rate=1.5"],
+     "--config.loss_options.sogclr.rate: rate must be in (0, 1], got 1.5"),
+    # the option's old name still works (with a warning) for one release
     (["--config.loss=sogclr", "--config.loss_options.sogclr.gamma=1.5"],
-     "--config.loss_options.sogclr.gamma: gamma must be in (0, 1], got 1.5"),
+     "--config.loss_options.sogclr.rate: rate must be in (0, 1], got 1.5"),
 ])
 def test_bad_settings_are_one_line_errors(flags, message, data_dir, tmp_path):
   proc = subprocess.run(_cli(tmp_path / "w", data_dir, "--config.num_steps=3", *flags),
@@ -449,3 +453,19 @@ def test_when_a_process_dies_the_other_exits_with_one_line(data_dir, tmp_path):
   assert "Fatal Python error" not in err and "Traceback" not in err, err[-3000:]
   assert [l for l in err.splitlines() if l.startswith("error: ")][-1].startswith(
       "error: process 0: another process of this run stopped")
+
+
+def test_a_stored_config_with_the_old_option_names_resumes():
+  """A config.json written before the options were renamed (rate_decay, shape, sogclr's
+  gamma) compares equal to today's config with the same values."""
+  from contrastive_jax import configs
+  cfg = configs.load("mnist_gamma")
+  old = json.loads(cfg.to_json())
+  for loss, names in L.registry.renamed_options().items():
+    for before, after in names.items():
+      old["loss_options"][loss][before] = old["loss_options"][loss].pop(after)
+  assert checkpointing.config_changes(old, cfg) != []  # without the map they differ
+  assert checkpointing.config_changes(old, cfg, renamed=train.renamed_fields()) == []
+  old["loss_options"]["gamma"]["rate_decay"] = 0.25
+  assert checkpointing.config_changes(old, cfg, renamed=train.renamed_fields()) == [
+      "loss_options.gamma.rate: 0.25 -> 0.5"]

@@ -81,7 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 def add_loss(c: ml_collections.ConfigDict, name: str, temperature: float) -> None:
   """The loss fields: its name, temperature and every registered loss's options
-  (`--config.loss=sogclr --config.loss_options.sogclr.gamma=0.5` switches losses)."""
+  (`--config.loss=sogclr --config.loss_options.sogclr.rate=0.5` switches losses)."""
   c.loss = name
   c.temperature = temperature
   c.loss_options = ml_collections.ConfigDict(registry.all_options())

@@ -13,7 +13,9 @@ Without `axis_name` the arguments are the whole batch (plain `jit` with sharded
 inputs lets GSPMD partition the same program).
 """
 
-from typing import Optional, Sequence
+import functools
+from typing import Callable, Optional, Sequence
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +80,26 @@ def check_rate(name: str, value: Scalar, allow_zero: bool = True) -> None:
     return
   if not ((0.0 <= v if allow_zero else 0.0 < v) and v <= 1.0):
     raise OptionError(name, f"{name} must be in {'[0' if allow_zero else '(0'}, 1], got {v}")
+
+
+def renamed(**old_to_new: str) -> Callable:
+  """Decorator: the loss still takes its options' old keywords (old="new"), for one release,
+  with a DeprecationWarning. The signature (and the registry, and the docs) show only the
+  new names; `fn.renamed` holds the map."""
+  def wrap(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def loss(*args, **kwargs):
+      for old, new in old_to_new.items():
+        if old in kwargs:
+          if new in kwargs:
+            raise TypeError(f"{fn.__name__}: give {new}= only ({old}= is its old name)")
+          warnings.warn(f"{fn.__name__}({old}=...) is deprecated and will be removed in the "
+                        f"next release: use {new}=", DeprecationWarning, stacklevel=2)
+          kwargs[new] = kwargs.pop(old)
+      return fn(*args, **kwargs)
+    loss.renamed = dict(old_to_new)
+    return loss
+  return wrap
 
 
 RATE_SCHEDULES = ("constant", "cosine")

@@ -5,7 +5,7 @@ config. The options and their defaults are the loss function's own keyword
 arguments (plus the few defaults a trainer should use instead, given here), so a
 new loss is added with one line in `LOSSES` and nowhere else.
 
-  loss_fn, state = registry.make("gamma", {"shape": 4.0}, num_examples=N)
+  loss_fn, state = registry.make("gamma", {"eps_shape": 4.0}, num_examples=N)
   loss, state = loss_fn(a, b, state, index, key, temperature=0.1, axis_name="data")
 
 Every made loss has that one signature, whatever the function underneath takes:
@@ -16,6 +16,7 @@ stateless losses return the state they were given; losses of augmented views
 import dataclasses
 import inspect
 from typing import Any, Callable, Optional
+import warnings
 
 import jax
 
@@ -85,6 +86,25 @@ def options(name: str) -> dict:
   return opts
 
 
+def renamed_options() -> dict:
+  """{loss: {old option name: new}} of the options renamed in 0.2 (`common.renamed`): the old
+  names still work for one release, with a warning, in configs and stored config.json."""
+  return {name: dict(getattr(e.fn, "renamed", {})) for name, e in LOSSES.items()
+          if getattr(e.fn, "renamed", None)}
+
+
+def upgrade_options(name: str, opts: Optional[dict]) -> dict:
+  """opts with the loss's renamed options under their new names (a DeprecationWarning
+  for each old one)."""
+  opts = dict(opts or {})
+  for old, new in renamed_options().get(name, {}).items():
+    if old in opts and new not in opts:
+      warnings.warn(f"loss {name!r}: option {old!r} is now {new!r} ({old!r} will be removed "
+                    "in the next release)", DeprecationWarning, stacklevel=3)
+      opts[new] = opts.pop(old)
+  return opts
+
+
 def all_options() -> dict:
   """{loss name: {option: default}} for the losses that have options (for configs)."""
   return {name: options(name) for name in LOSSES if options(name)}
@@ -100,11 +120,12 @@ def make(name: str, opts: Optional[dict] = None,
   """
   entry = get(name)
   bound = options(name)
-  unknown = sorted(set(opts or {}) - set(bound))
+  opts = upgrade_options(name, opts)
+  unknown = sorted(set(opts) - set(bound))
   if unknown:
     raise ValueError(f"loss {name!r} has no option {', '.join(unknown)}: its options are "
                      f"{', '.join(bound) or 'none'}")
-  bound.update(opts or {})
+  bound.update(opts)
   scheduled = "progress" in inspect.signature(entry.fn).parameters
 
   def loss_fn(a: jax.Array, b: jax.Array, state: Any, index: Optional[jax.Array],

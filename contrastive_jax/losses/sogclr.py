@@ -16,8 +16,9 @@ def init_sogclr_state(num_examples: int) -> dict:
   return {"log_u": jnp.full((2, num_examples), -jnp.inf, jnp.float32)}
 
 
+@common.renamed(gamma="rate")
 def sogclr_loss(z1: jax.Array, z2: jax.Array, state: dict, index: jax.Array, *,
-                temperature: float, gamma: float = 0.9, rate_schedule: str = "constant",
+                temperature: float, rate: float = 0.9, rate_schedule: str = "constant",
                 rate_min: float = 0.2, rate_fraction: float = 0.5,
                 progress: Optional[common.Scalar] = None, chunk_size: Optional[int] = None,
                 ring: bool = False, axis_name: Optional[str] = None) -> tuple[jax.Array, dict]:
@@ -25,7 +26,7 @@ def sogclr_loss(z1: jax.Array, z2: jax.Array, state: dict, index: jax.Array, *,
 
   For the 2B anchors of the SimCLR layout (negatives: the 2(B - 1) other views),
     Zb_k = mean_{j in neg(k)} exp(s_kj),           s = cos / temperature,
-    u_k <- (1 - gamma) u_k + gamma Zb_k            (first visit: u_k = Zb_k),
+    u_k <- (1 - rate) u_k + rate Zb_k              (first visit: u_k = Zb_k),
     loss = mean_k [ -s_{k,p(k)} + sg(Zb_k / u_k) log Zb_k ],
   whose gradient is SogCLR's: -grad s+ + mean_j exp(s_kj) grad s_kj / u_k. The
   value is a surrogate (NT-Xent without the positive on a first visit); log
@@ -35,10 +36,11 @@ def sogclr_loss(z1: jax.Array, z2: jax.Array, state: dict, index: jax.Array, *,
     z1, z2: [B, D] raw embeddings of two views.
     state: from `init_sogclr_state(N)`; log u per view and dataset example.
     index: [B] int dataset indices of the examples (in [0, N)).
-    gamma: weight of the new batch estimate, in (0, 1].
-    rate_schedule: "constant" (gamma throughout) or "cosine" (FastCLIP's schedule of this
+    rate: weight of the new batch estimate, in (0, 1] (the paper's gamma; formerly
+      `gamma=`, the name `gamma_loss` uses for its own family: one name, `rate`, now).
+    rate_schedule: "constant" (rate throughout) or "cosine" (FastCLIP's schedule of this
       weight: from 1 to rate_min over the first rate_fraction of training, then rate_min;
-      gamma unused); see `common.scheduled_rate`.
+      rate unused); see `common.scheduled_rate`.
     rate_min, rate_fraction: the cosine schedule's final weight and length.
     progress: fraction of training done, in [0, 1] (e.g. step / num_steps); cosine only.
     chunk_size: None (automatic) or the key chunk to stream over: see `streamed`.
@@ -64,8 +66,8 @@ def sogclr_loss(z1: jax.Array, z2: jax.Array, state: dict, index: jax.Array, *,
   """
   common.check_embeddings(("z1", "z2"), z1, z2)
   common.check_positive("temperature", temperature)
-  common.check_rate("gamma", gamma, allow_zero=False)
-  rate = common.scheduled_rate(gamma, rate_schedule, progress, rate_min, rate_fraction)
+  common.check_rate("rate", rate, allow_zero=False)
+  rate = common.scheduled_rate(rate, rate_schedule, progress, rate_min, rate_fraction)
   common.check_index(index, z1.shape[0], state["log_u"].shape[1])
   lse, pos, n = common.two_view_lse(z1, z2, temperature, axis_name, exclude_positive=True,
                                     chunk_size=chunk_size, ring=ring)
