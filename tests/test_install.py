@@ -100,19 +100,29 @@ def test_constraints_pin_every_declared_distribution_exactly():
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("python3") is None, reason="no python3 to make a venv")
 @pytest.mark.slow
-def test_a_plain_install_runs_a_loss_on_jax_alone(tmp_path):
-  """pip install . (no extras) into a fresh venv: no flax, tfds, grain; the losses run."""
+def test_the_built_wheel_installs_plain_and_runs_a_loss_on_jax_alone(tmp_path):
+  """python -m build makes the sdist and the wheel, twine check passes on both, and the
+  wheel (no extras) in a fresh venv runs the losses without flax, tfds or grain."""
   src = tmp_path / "src"
   src.mkdir()
-  for name in ("pyproject.toml", "README.md", "constraints.txt"):
+  for name in ("pyproject.toml", "README.md", "constraints.txt", "LICENSE", "CHANGELOG.md"):
     shutil.copy(os.path.join(ROOT, name), src / name)
   shutil.copytree(PACKAGE, src / "contrastive_jax",
                   ignore=shutil.ignore_patterns("__pycache__"))
+  dist = tmp_path / "dist"
+  built = subprocess.run([sys.executable, "-m", "build", "--sdist", "--wheel", "--outdir",
+                          str(dist), str(src)], capture_output=True, text=True, timeout=600)
+  assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+  wheels, sdists = sorted(dist.glob("*.whl")), sorted(dist.glob("*.tar.gz"))
+  assert len(wheels) == 1 and len(sdists) == 1, os.listdir(dist)
+  check = subprocess.run([sys.executable, "-m", "twine", "check", "--strict", *map(str, wheels),
+                          *map(str, sdists)], capture_output=True, text=True, timeout=120)
+  assert check.returncode == 0 and check.stdout.count("PASSED") == 2, check.stdout + check.stderr
   venv = tmp_path / "venv"
   subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
   python = str(venv / "bin" / "python")
-  out = subprocess.run([python, "-m", "pip", "install", "-q", "-c", "constraints.txt", "."],
-                       cwd=src, capture_output=True, text=True, timeout=600)
+  out = subprocess.run([python, "-m", "pip", "install", "-q", "-c", "constraints.txt",
+                        str(wheels[0])], cwd=src, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   listed = subprocess.run([python, "-m", "pip", "list", "--format=freeze"], capture_output=True,
                           text=True, check=True).stdout.lower()
