@@ -95,6 +95,21 @@ def sogclr(z1, z2, log_u, index, t, gamma, weights=None):
   return total / n, table, weights
 
 
+def sogclr_official(z1, z2, u, index, t, gamma):
+  """The official SogCLR code's bookkeeping (Optimization-AI/SogCLR), float64: u [N] one entry
+  per example for both views, 0 = unset; the rate is 1 when the whole batch is unset.
+  Returns (new u [N], u of view-1 anchors [b], u of view-2 anchors [b], Zb [2, b])."""
+  s, pos = two_view(z1, z2, t)
+  b = len(z1)
+  zb = np.exp(neg_log_mean(s, pos)).reshape(2, b)
+  g = 1.0 if u[index].sum() == 0 else gamma
+  u1 = (1 - g) * u[index] + g * zb[0]
+  u2 = (1 - g) * u[index] + g * zb[1]
+  new = u.copy()
+  new[index] = (u1 + u2) / 2
+  return new, u1, u2, zb
+
+
 def gamma_em(logits, pos, log_state_rows, log_eps, include_positive=False):
   """-s+ + eps/Zhat * Zb per anchor, mean; log_state_rows [n] already updated."""
   log_zb = neg_log_mean(logits, pos, include_positive)

@@ -14,11 +14,12 @@ B, D = 8, 16
 RTOL = 1e-5
 
 
-def assert_close(actual, expected, rtol=RTOL):
+def assert_close(actual, expected, rtol=RTOL, err_msg=""):
   """Element-wise rtol, with an absolute floor of rtol x the largest |expected| entry."""
   expected = np.asarray(expected, np.float64)
   atol = rtol * max(np.max(np.abs(expected)), 1e-3)
-  np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol, atol=atol)
+  np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol, atol=atol,
+                             err_msg=err_msg)
 
 
 def fresh_inputs(n, seed):
@@ -110,6 +111,38 @@ def test_sigmoid_bias_and_temperature_grads():
   g_ref = ref.numerical_grad(lambda t, b: ref.sigmoid(img, txt, float(t), float(b)),
                              [np.float64(0.2), np.float64(-2.0)])
   assert_close(np.array(g), np.array([float(x) for x in g_ref]))
+
+
+def test_shared_state_sogclr_is_the_official_bookkeeping_over_three_steps():
+  """sogclr_loss(shared_state=True) against a float64 transcription of the official code's
+  update: one u per example for both views, the rate 1 only for an all-new batch (step 0),
+  new examples among seen ones starting at rate * Zb (step 1), revisits (step 2); each
+  step's state, value and gradients (weights Zb / u_view of the official u1, u2)."""
+  n, rate = 24, 0.7
+  rng = np.random.default_rng(8)
+  u = np.zeros(n)
+  state = L.init_sogclr_state(n, shared=True)
+  batches = [np.arange(0, 8), np.concatenate([np.arange(4, 8), np.arange(8, 12)]),
+             rng.permutation(12)[:B]]
+  for step, index in enumerate(batches):
+    z1, z2 = fresh_inputs(2, seed=20 + step)
+    u, u1, u2, zb = ref.sogclr_official(z1, z2, u, index, T, rate)
+    weights = (zb / np.stack([u1, u2])).reshape(-1)
+    fn = lambda a, b, state=state, index=index: L.sogclr_loss(
+        a, b, state, jnp.asarray(index), temperature=T, rate=rate, shared_state=True)
+    (loss, state), grads = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(
+        jnp.float32(z1), jnp.float32(z2))
+    got = np.exp(np.asarray(state["log_u"], np.float64))[0]
+    assert_close(got, u, err_msg=f"step {step}")  # unset entries: exp(-inf) = 0 = u
+    table = np.full((2, n), -np.inf)  # the surrogate with the official weights held fixed
+    surrogate = lambda a, b: ref.sogclr(a, b, table, index, T, 1.0, weights=weights)[0]
+    assert_close(loss, surrogate(z1, z2), err_msg=f"step {step}")
+    for g, gr in zip(grads, ref.numerical_grad(surrogate, [z1, z2])):
+      assert_close(g, gr, err_msg=f"step {step}")
+  assert (u > 0).sum() == 12 and batches[1][0] in batches[0]
+  with pytest.raises(ValueError, match="shared=True"):
+    L.sogclr_loss(jnp.float32(z1), jnp.float32(z2), L.init_sogclr_state(n), jnp.arange(B),
+                  temperature=T, shared_state=True)
 
 
 def test_sogclr_value_grad_state():

@@ -59,7 +59,8 @@ LOSSES: dict[str, Entry] = {
     "clip": Entry(infonce.clip_loss),
     "l_con": Entry(infonce.modality_contrastive_loss, augmented=True),
     "sigmoid": Entry(sigmoid.sigmoid_loss, defaults={"bias": -5.0}),  # -1/(2 t) at t = 0.1
-    "sogclr": Entry(sogclr.sogclr_loss, init_state=lambda n, o: sogclr.init_sogclr_state(n)),
+    "sogclr": Entry(sogclr.sogclr_loss, init_state=lambda n, o: sogclr.init_sogclr_state(
+        n, shared=o["shared_state"])),
     # Their defaults (rate 0.5; eps = 1 for two views, shape 1 for gamma_clip: not
     # re-measured there) are the functions' own: see gamma.gamma_loss.
     "gamma": Entry(gamma.gamma_loss, init_state=_gamma_state, random=True),
