@@ -530,6 +530,12 @@ def parse_args(argv=None):
                       help="extra trainer setting for every run: --override=FIELD=VALUE (or "
                            "--override=--config.FIELD=VALUE) "
                            "(repeatable)")
+  parser.add_argument("--rows", action="append", default=[],
+                      help="a runs.csv of earlier sweeps whose rows join the report (those of "
+                           "this sweep win); with --report_only, the report of them alone "
+                           "(repeatable)")
+  parser.add_argument("--report_only", action="store_true",
+                      help="train nothing: write the report of --rows and of --out's runs")
   parser.add_argument("--devices_per_run", type=int, default=1,
                       help="devices of each worker's slice (GPUs listed in ABLATION_GPUS are "
                            "split into --workers slices; on CPU: simulated devices)")
@@ -579,6 +585,29 @@ def read_rows(out: str, grid: list[dict]) -> list[dict]:
       r["loss"], r["batch_size"], r["seed"]))
 
 
+def read_csv_rows(path: str) -> list[dict]:
+  """The rows of a runs.csv (numbers parsed; empty cells None)."""
+  ints = ("batch_size", "seed", "num_steps")
+  strings = ("dataset", "protocol", "loss", "rate_schedule", "run")
+  def parse(k, v):
+    if v == "" or v is None:
+      return None
+    return v if k in strings else int(v) if k in ints else float(v)
+  with open(path, newline="") as f:
+    return [{k: parse(k, v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def merge_rows(rows: list[dict], extra: list[dict]) -> list[dict]:
+  """rows plus those of `extra` that no row of `rows` repeats (same group, loss, schedule,
+  batch, seed and steps), in the report's order."""
+  key = lambda r: tuple(str(r.get(k)) for k in (*GROUP, "loss", "rate_schedule",
+                                                   "batch_size", "seed", "num_steps"))
+  have = {key(r) for r in rows}
+  merged = rows + [r for r in extra if key(r) not in have]
+  return sorted(merged, key=lambda r: tuple(str(r[k]) for k in GROUP) + (
+      r["loss"], r["batch_size"], r["seed"]))
+
+
 def report(out: str, rows: list[dict], args, train_sizes: dict) -> str:
   with open(os.path.join(out, "runs.csv"), "w", newline="") as f:
     w = csv.DictWriter(f, FIELDS)
@@ -611,6 +640,13 @@ def main():
   # Also prepares each dataset once, before the parallel runs could race on it.
   train_sizes = {d: len(pipeline.get_source(d, "train")) for d in args.datasets}
   grid = plan(args, train_sizes)
+  extra = [r for path in args.rows for r in read_csv_rows(path)]
+  if args.report_only:
+    rows = merge_rows(read_rows(args.out, []), extra)
+    train_sizes.update({d: len(pipeline.get_source(d, "train"))
+                        for d in {r["dataset"] for r in rows} - set(train_sizes)})
+    print(report(args.out, rows, args, train_sizes))
+    return
   runs = unique_runs(grid, args.out)
   name = "sweep_" + time.strftime("%Y%m%d_%H%M%S") + ".json"
   with open(os.path.join(args.out, name), "w") as f:
@@ -648,7 +684,7 @@ def main():
   threads.shutdown()
   pool.shutdown()
   minutes = (time.perf_counter() - t0) / 60
-  rows = read_rows(args.out, grid)
+  rows = merge_rows(read_rows(args.out, grid), extra)
   print(report(args.out, rows, args, train_sizes))
   print(json.dumps({"out": args.out, "runs": len(runs), "trained": todo,
                     "minutes": round(minutes, 1),

@@ -130,3 +130,20 @@ def test_toy_estimators_are_unbiased_at_the_optimum(method):
   mean_nce, _ = G.bias_variance("gauss_s2=1", "infonce", 16, jax.random.key(0), draws=20000)
   assert mean_nce < -0.1
 
+
+
+@pytest.mark.parametrize("name", ["batch_size_epochs", "image_text_epochs", "mfeat_epochs"])
+def test_the_committed_verdicts_are_recomputed_from_runs_csv(name):
+  """Every number of docs/results/NAME/summary.json follows from its runs.csv alone."""
+  import json
+  import os
+  root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                      "results", name)
+  rows = A.read_csv_rows(os.path.join(root, "runs.csv"))
+  with open(os.path.join(root, "summary.json")) as f:
+    committed = json.load(f)
+  baseline = "clip" if name != "batch_size_epochs" else "nt_xent"
+  for metric, summary in committed.items():
+    got = json.loads(json.dumps(A.summarise(rows, baseline, metric)))
+    assert got == summary, (name, metric)
+  assert A.merge_rows(rows, rows) == A.merge_rows(rows, [])  # a row is never counted twice
