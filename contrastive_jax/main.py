@@ -219,7 +219,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   ml_collections suggests) for a bad --config override instead of a traceback."""
   from absl import flags
   try:
-    return flags.FLAGS(_renamed_options(resolve_config(argv)))
+    return flags.FLAGS(resolve_config(argv))
   except SystemExit:  # absl exits 1 after printing --help; asking for help is no error
     if any(a in ("--help", "-h", "--helpshort", "--helpfull", "-?") for a in argv[1:]):
       sys.exit(0)
@@ -243,6 +243,8 @@ def cli() -> None:
   except ImportError as e:
     sys.exit(f"error: the trainer needs the 'train' extra ({e.name} is not installed): "
              "pip install '.[train]' from a checkout")
+  # Before the flags exist: ml_collections finds the --config.* overrides in sys.argv.
+  sys.argv = _renamed_options(sys.argv)
   _define_flags()
   # absl's --help prints the __main__ module's docstring: add what a run can name, and
   # with --config, that config's fields and their values.

@@ -207,11 +207,11 @@ def test_nan_embeddings_leave_the_state_table_finite(loss):
   assert changed.any() or loss == "sogclr"  # unaffected entries still learn
 
 
-def test_sogclr_gamma_is_validated():
+def test_sogclr_rate_is_validated():
   z1, z2 = inputs(2, seed=1, b=4)
-  for gamma in (1.5, 0.0, -0.1):
-    with pytest.raises(ValueError, match=r"gamma must be in \(0, 1\]"):
-      L.sogclr_loss(z1, z2, L.init_sogclr_state(8), jnp.arange(4), temperature=T, gamma=gamma)
+  for rate in (1.5, 0.0, -0.1):
+    with pytest.raises(ValueError, match=r"rate must be in \(0, 1\]"):
+      L.sogclr_loss(z1, z2, L.init_sogclr_state(8), jnp.arange(4), temperature=T, rate=rate)
 
 
 # ----------------------------------------------------------------------------
