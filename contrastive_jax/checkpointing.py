@@ -92,7 +92,7 @@ def _check(state: Any) -> tuple[Any, Any]:
   return jax.tree.map(_leaf_fingerprint, state), jax.tree.map(_bad_values, state)
 
 
-def inspect(state: Any, neg_inf_ok: Sequence[str] = ()) -> tuple[dict[str, int], list[str]]:
+def fingerprint(state: Any, neg_inf_ok: Sequence[str] = ()) -> tuple[dict[str, int], list[str]]:
   """({path: fingerprint}, [paths of leaves holding NaN or inf]) of a state.
 
   -inf is allowed in the top-level entries `neg_inf_ok` (a task's loss state marks
@@ -140,7 +140,7 @@ def save(mngr: ocp.CheckpointManager, state: dict, data_state: dict, keep: int,
   any array holds a NaN or inf.
   """
   step = int(state["step"])
-  fingerprints, bad = inspect(state, neg_inf_ok)
+  fingerprints, bad = fingerprint(state, neg_inf_ok)
   if bad:
     raise FloatingPointError(f"the state at step {step} is not finite in {', '.join(bad[:3])}"
                              f"{' ...' if len(bad) > 3 else ''}: not checkpointed")
@@ -177,7 +177,7 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: Optional[int
     if x.shape != want.shape or x.dtype != want.dtype:
       raise CheckpointError(f"step {step}: {jax.tree_util.keystr(path)} is {x.dtype}{x.shape}, "
                             f"expected {want.dtype}{want.shape}")
-  fingerprints, bad = inspect(state, neg_inf_ok)
+  fingerprints, bad = fingerprint(state, neg_inf_ok)
   if bad:
     raise CheckpointError(f"step {step} holds NaN or inf in {', '.join(bad[:3])}")
   recorded = data.get("fingerprints")
@@ -239,7 +239,7 @@ def _read(mngr: ocp.CheckpointManager, step: int, only: Optional[tuple[str, ...]
     raise CheckpointError(f"step {step} does not read ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
   state, recorded = restored["state"], (restored["data"] or {}).get("fingerprints") or {}
-  fingerprints, bad = inspect(state, neg_inf_ok=tuple(state))  # -inf: the reader's call
+  fingerprints, bad = fingerprint(state, neg_inf_ok=tuple(state))  # -inf: the reader's call
   # Entries read back under the names they were saved with (params, loss state, step) are
   # checked; optimiser states come back as dicts, under other names.
   changed = [k for k, v in fingerprints.items() if k in recorded and recorded[k] != v]

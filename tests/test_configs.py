@@ -29,7 +29,7 @@ def test_config_names_a_task_and_takes_the_common_overrides(name):
 def test_a_task_section_holds_what_the_task_declares_and_nothing_else():
   cfg = importlib.import_module("configs.mnist_gamma").get_config()
   section = tasks.base.section(cfg, tasks.TASKS["two_view"].fields)
-  assert set(section) == set(tasks.base.SHARED) | set(tasks.TwoView.fields)
+  assert set(section) == set(tasks.base.SHARED) | set(tasks.TwoViewTask.fields)
   assert section.knn_k == cfg.knn_k and section.eval_batch_size == 256  # the task's default
   with pytest.raises(AttributeError):
     section.learning_rate  # the optimiser's, not the task's  # noqa: B018

@@ -197,18 +197,18 @@ def test_no_restorable_checkpoint_is_an_error_never_a_fresh_start(trained, tmp_p
 def test_fingerprints_do_not_depend_on_the_mesh(trained):
   cfg, _, full = trained
   state = checkpointing.read(full)
-  one, _ = checkpointing.inspect(state)
+  one, _ = checkpointing.fingerprint(state)
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
   sharded = jax.tree.map(
       lambda x: jax.device_put(x, jax.sharding.NamedSharding(
           mesh, jax.sharding.PartitionSpec("d") if x.ndim and x.shape[0] % 8 == 0
           else jax.sharding.PartitionSpec())), state)
-  eight, _ = checkpointing.inspect(sharded)
+  eight, _ = checkpointing.fingerprint(sharded)
   assert one == eight
   changed = jax.tree.map(lambda x: x, state)
   changed["params"] = jax.tree.map(lambda x: x + np.float32(1e-3) * (np.arange(x.size) == 0).reshape(x.shape),
                                    state["params"])
-  assert checkpointing.inspect(changed)[0] != one
+  assert checkpointing.fingerprint(changed)[0] != one
 
 
 # ----------------------------------------------------------------------------

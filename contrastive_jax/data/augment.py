@@ -130,7 +130,7 @@ def to_float(images: jax.Array) -> jax.Array:
   return images.astype(jnp.float32)
 
 
-def _one(key: jax.Array, image: jax.Array, cfg: AugmentConfig) -> jax.Array:
+def _augment_one(key: jax.Array, image: jax.Array, cfg: AugmentConfig) -> jax.Array:
   """One view of one float image [H, W, C] in [0, 1]."""
   keys = jax.random.split(key, 12)
   u = jax.random.uniform(keys[0], (6,))  # one coin per stochastic op
@@ -175,4 +175,4 @@ def photometric(key: jax.Array, images: jax.Array, index: jax.Array,
     float32 [b, H, W, C] in [0, 1].
   """
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
-  return jax.vmap(lambda k, x: _one(k, x, cfg))(keys, to_float(images))
+  return jax.vmap(lambda k, x: _augment_one(k, x, cfg))(keys, to_float(images))

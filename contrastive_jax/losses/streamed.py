@@ -71,7 +71,7 @@ def _lse_axis(x, axis):
   return jnp.squeeze(m, axis) + jnp.log(jnp.sum(jnp.exp(x - m), axis=axis))
 
 
-def _never(lse):
+def _inf_where_unsummed(lse):
   """+inf where nothing was summed, so that exp(s - lse) is 0 there in a backward pass."""
   return jnp.where(jnp.isneginf(lse), jnp.inf, lse)
 
@@ -89,7 +89,7 @@ def _varying_like(args):
           if union - axes(x) and jnp.issubdtype(x.dtype, jnp.floating) else x for x in args]
 
 
-def _vary(x, like):
+def _varying_as(x, like):
   """x cast to vary over the manual mesh axes `like` varies over (scan carries
   inside `shard_map` must keep their type)."""
   t = getattr(jax.typeof(like), "manual_axis_type", None)
@@ -114,7 +114,7 @@ def _lse_streamed(a, k, inv_t, exclude, chunk, want_cols):
 
 def _lse_streamed_fwd(a, k, inv_t, exclude, chunk, want_cols):
   kc, n = _chunks(k, chunk)
-  zero = _vary(jnp.zeros((a.shape[0],), jnp.float32), a)
+  zero = _varying_as(jnp.zeros((a.shape[0],), jnp.float32), a)
   xs = (kc, jnp.arange(n))
 
   def scores(k_c, i):
@@ -149,11 +149,11 @@ def _lse_streamed_fwd(a, k, inv_t, exclude, chunk, want_cols):
 def _lse_streamed_bwd(chunk, want_cols, res, g):
   a, k, inv_t, exclude, rows, cols = res
   g_rows, g_cols = g
-  rows = _never(rows)
+  rows = _inf_where_unsummed(rows)
   kc, n = _chunks(k, chunk)
   pad = n * chunk - k.shape[0]
   if want_cols:
-    col_lse = jnp.pad(_never(cols), (0, pad), constant_values=jnp.inf).reshape(n, chunk)
+    col_lse = jnp.pad(_inf_where_unsummed(cols), (0, pad), constant_values=jnp.inf).reshape(n, chunk)
     g_col = jnp.pad(g_cols, (0, pad)).reshape(n, chunk)
   else:  # placeholders, unused
     col_lse = g_col = jnp.zeros((n, 1), jnp.float32)
@@ -186,7 +186,7 @@ def _lse_streamed_bwd(chunk, want_cols, res, g):
     dk = jnp.einsum("mk,md->kd", wd, a, preferred_element_type=jnp.float32)
     return (da, dt), dk
 
-  zeros = (_vary(jnp.zeros(a.shape, jnp.float32), a), _vary(jnp.float32(0.0), a))
+  zeros = (_varying_as(jnp.zeros(a.shape, jnp.float32), a), _varying_as(jnp.float32(0.0), a))
   (da, dt), dk = jax.lax.scan(body, zeros, (kc, col_lse, g_col, jnp.arange(n)))
   dk = dk.reshape(-1, k.shape[1])[:k.shape[0]]
   return ((da * inv_t).astype(a.dtype), (dk * inv_t).astype(k.dtype),
@@ -228,17 +228,17 @@ def _lse_direct_bwd(want_cols, res, g):
   g_rows, g_cols = g
 
   def fixed(r):  # softmax = R * exp(inv_t - lse): no exponential of a matrix
-    coef = (g_rows * jnp.exp(inv_t - _never(rows)))[:, None]
+    coef = (g_rows * jnp.exp(inv_t - _inf_where_unsummed(rows)))[:, None]
     if want_cols:
-      coef = coef + (g_cols * jnp.exp(inv_t - _never(cols)))[None, :]
+      coef = coef + (g_cols * jnp.exp(inv_t - _inf_where_unsummed(cols)))[None, :]
     w = r * coef
     s = jnp.where(r > 0, inv_t + jnp.log(jnp.where(r > 0, r, 1.0)), 0.0)
     return w, jnp.sum(w * s)
 
   def shifted(r):  # exp(-inf - x) = 0 at excluded entries: no mask needed
-    w = g_rows[:, None] * jnp.exp(r - _never(rows)[:, None])
+    w = g_rows[:, None] * jnp.exp(r - _inf_where_unsummed(rows)[:, None])
     if want_cols:
-      w = w + g_cols[None, :] * jnp.exp(r - _never(cols)[None, :])
+      w = w + g_cols[None, :] * jnp.exp(r - _inf_where_unsummed(cols)[None, :])
     return w, jnp.sum(jnp.where(jnp.isfinite(r), w * r, 0.0))
 
   w, dt = jax.lax.cond(use_fixed, fixed, shifted, r)
@@ -302,7 +302,7 @@ def _softplus_sum_fwd(a, k, inv_t, bias, chunk):
     x, valid = _softplus_terms(a, k_c, inv_t, bias, i * chunk + jnp.arange(chunk), k.shape[0])
     return total + jnp.sum(jnp.where(valid, jax.nn.softplus(x), 0.0)), None
 
-  total, _ = jax.lax.scan(body, _vary(jnp.float32(0.0), a), (kc, jnp.arange(n)))
+  total, _ = jax.lax.scan(body, _varying_as(jnp.float32(0.0), a), (kc, jnp.arange(n)))
   return total, (a, k, inv_t, bias)
 
 
@@ -320,7 +320,7 @@ def _softplus_sum_bwd(chunk, res, g):
     da = da + jnp.einsum("mk,kd->md", wd, k_c, preferred_element_type=jnp.float32)
     return (da, dt, db), jnp.einsum("mk,md->kd", wd, a, preferred_element_type=jnp.float32)
 
-  zeros = tuple(_vary(z, a) for z in (jnp.zeros(a.shape, jnp.float32), jnp.float32(0.0),
+  zeros = tuple(_varying_as(z, a) for z in (jnp.zeros(a.shape, jnp.float32), jnp.float32(0.0),
                                       jnp.float32(0.0)))
   (da, dt, db), dk = jax.lax.scan(body, zeros, (kc, jnp.arange(n)))
   dk = dk.reshape(-1, k.shape[1])[:k.shape[0]]
@@ -368,8 +368,8 @@ def _lse_ring(a, k, inv_t, exclude, base_cols, stride, axis_name, want_cols):
 
 def _lse_ring_fwd(a, k, inv_t, exclude, base_cols, stride, axis_name, want_cols):
   n, me = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
-  rows = _vary(jnp.full((a.shape[0],), -jnp.inf, jnp.float32), a)
-  col = _vary(jnp.full((k.shape[0],), -jnp.inf, jnp.float32), a)
+  rows = _varying_as(jnp.full((a.shape[0],), -jnp.inf, jnp.float32), a)
+  col = _varying_as(jnp.full((k.shape[0],), -jnp.inf, jnp.float32), a)
   blk = k
   for step in range(n):  # n is static: unrolled, each block visits every device once
     src = (me - step) % n
@@ -391,13 +391,13 @@ def _lse_ring_bwd(stride, axis_name, want_cols, res, g):
   a, k, inv_t, exclude, base_cols, rows, cols = res
   g_rows, g_cols = g
   n, me = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
-  rows = _never(rows)
+  rows = _inf_where_unsummed(rows)
   if want_cols:
-    col_lse, g_col = _never(cols), g_cols
+    col_lse, g_col = _inf_where_unsummed(cols), g_cols
   else:
-    col_lse = g_col = _vary(jnp.zeros((k.shape[0],), jnp.float32), a)
-  blk, dk = k, _vary(jnp.zeros(k.shape, jnp.float32), a)
-  da, dt = _vary(jnp.zeros(a.shape, jnp.float32), a), _vary(jnp.float32(0.0), a)
+    col_lse = g_col = _varying_as(jnp.zeros((k.shape[0],), jnp.float32), a)
+  blk, dk = k, _varying_as(jnp.zeros(k.shape, jnp.float32), a)
+  da, dt = _varying_as(jnp.zeros(a.shape, jnp.float32), a), _varying_as(jnp.float32(0.0), a)
   for step in range(n):
     src = (me - step) % n
     sc = _block_scores(a, blk, inv_t, exclude, base_cols, stride, src)

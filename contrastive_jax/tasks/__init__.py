@@ -1,8 +1,8 @@
 """Tasks: one training objective each, all driven by the one trainer (`train.py`).
 
-  two_view   self-supervised, two augmented views of an image (`two_view.TwoView`)
-  two_tower  image-text, CLIP-style two towers (`image_text.TwoTower`)
-  fusion     image-text, ALBEF-style fusion model (`fusion.Fusion`)
+  two_view   self-supervised, two augmented views of an image (`two_view.TwoViewTask`)
+  two_tower  image-text, CLIP-style two towers (`image_text.TwoTowerTask`)
+  fusion     image-text, ALBEF-style fusion model (`fusion.FusionTask`)
 """
 
 from typing import Any
@@ -10,11 +10,11 @@ from typing import Any
 import ml_collections
 
 from contrastive_jax.tasks.base import Task
-from contrastive_jax.tasks.fusion import Fusion
-from contrastive_jax.tasks.image_text import TwoTower
-from contrastive_jax.tasks.two_view import TwoView
+from contrastive_jax.tasks.fusion import FusionTask
+from contrastive_jax.tasks.image_text import TwoTowerTask
+from contrastive_jax.tasks.two_view import TwoViewTask
 
-TASKS = {"two_view": TwoView, "two_tower": TwoTower, "fusion": Fusion}
+TASKS = {"two_view": TwoViewTask, "two_tower": TwoTowerTask, "fusion": FusionTask}
 
 
 def get(cfg: ml_collections.ConfigDict, train_src: Any, eval_src: Any = None, **kwargs) -> Task:

@@ -53,11 +53,11 @@ def ema_update(ema: Any, params: Any, momentum: float) -> Any:
   return jax.tree.map(lambda e, p: momentum * e + (1.0 - momentum) * p, ema, params)
 
 
-class Fusion(image_text.TwoTower):
+class FusionTask(image_text.TwoTowerTask):
   """An ALBEF-style fusion objective: the two-tower fields, plus fusion.{momentum,
   itm_weight, mlm_weight, mlm_prob, distill_alpha}."""
 
-  fields = {**image_text.TwoTower.fields, "fusion": base.REQUIRED}
+  fields = {**image_text.TwoTowerTask.fields, "fusion": base.REQUIRED}
   model_sized = ("params", "ema_params")  # the momentum encoders are as large as the model
 
   def __init__(self, cfg, train_src, eval_src=None, tokenizer=None):

@@ -67,7 +67,7 @@ def _regularisers(cfg, emb: dict, aug: dict, t, axis_name) -> dict:
   return terms
 
 
-class TwoTower(base.Task):
+class TwoTowerTask(base.Task):
   """A CLIP-style two-tower objective between images and captions, or images and
   feature vectors (`fields`)."""
 

@@ -21,7 +21,7 @@ from contrastive_jax.sharding import BATCH_AXES
 from contrastive_jax.tasks import base
 
 
-class TwoView(base.Task):
+class TwoViewTask(base.Task):
   """A two-view objective: an encoder and projection head (`fields`: the model, its
   augmentations, its loss and the probes' settings).
 
