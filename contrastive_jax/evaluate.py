@@ -27,7 +27,7 @@ def batches_of(*arrays: ArrayLike, batch_size: int = 500) -> Iterator[tuple]:
 
 def in_batches(fn: Callable, params: Any, batches: Iterable[Sequence[ArrayLike]],
                devices: Optional[Sequence[jax.Device]] = None) -> Any:
-  """fn(params, *arrays) over a stream of batches -> its outputs concatenated [N, ...].
+  """``fn(params, *arrays)`` over a stream of batches -> its outputs concatenated [N, ...].
 
   The one helper that embeds in batches, for a streamed split (`pipeline.eval_batches`)
   and arrays in memory (`batches_of`) alike. Each batch, a tuple of aligned arrays
@@ -37,7 +37,7 @@ def in_batches(fn: Callable, params: Any, batches: Iterable[Sequence[ArrayLike]]
   plus the outputs, whatever the split's size.
 
   Args:
-    fn: (params, *arrays [b, ...]) -> any tree of [b, ...] arrays.
+    fn: ``(params, *arrays)``, each array [b, ...] -> any tree of [b, ...] arrays.
   Returns:
     the tree of outputs [N, ...] as NumPy; None for an empty stream.
   """
