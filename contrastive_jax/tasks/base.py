@@ -1,14 +1,17 @@
 """What every task (training objective) provides to the one trainer.
 
-A task owns its model, its state entries besides the optimiser's (params,
-loss state, momentum params), the per-example transform of its data, its
-objective and its evaluation. The trainer (`contrastive_jax.train`) owns the
-optimiser, the mesh, the loop and the checkpoints, and calls
+A task owns its config section (`fields`), its model, its state entries besides
+the optimiser's (params, loss state, momentum params), its data pipeline (built
+from the train and eval sources `pipeline.open_splits` hands it), its objective
+and its evaluation with its schedule. The trainer (`contrastive_jax.train`) owns
+the optimiser, the mesh, the loop and the checkpoints, and calls
 
+  task.train_dataset(batch_size, seed, process_index, process_count) -> batches
   task.init(key) -> {"params": ..., "loss_state": ..., ...}
   task.loss(params, state, batch, key, mesh) -> (loss, (state updates, logs))
   task.after_step(state) -> state              (e.g. momentum encoders)
   task.evaluate(params, data, names) -> dict   (evaluators named in the config)
+  task.due(step | "at_init" | "final") -> names  (config.evals' schedules)
 
 Evaluators are methods `(ctx) -> dict`, where `ctx = task.prepare(params, data)` holds
 what they share (embeddings are computed once per evaluation).
