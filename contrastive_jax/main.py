@@ -140,7 +140,7 @@ def main(argv: list[str]) -> None:
   if jax.process_index() != 0:
     return
   print(json.dumps(workdir_lib.finite_json(result)))
-  line = result_line(result)
+  line = result_line(result, f["config"].value.get("init_from"))
   if line:
     print(line)
 
@@ -149,14 +149,16 @@ def _finite(v) -> bool:
   return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def result_line(result: dict) -> Optional[str]:
+def result_line(result: dict, init_from: Optional[str] = None) -> Optional[str]:
   """A one-line summary of the probes in a final evaluation, naming only what was
-  computed and finite (None when there is nothing to say)."""
+  computed and finite (None when there is nothing to say); the evaluation at step 0 is
+  of the random initialisation, or of the weights `init_from` gave."""
   parts = []
   if _finite(result.get("knn_top1")):
     init = result.get("random_init", {}).get("knn_top1")
+    start = f"initialised from {init_from}:" if init_from else "random init"
     parts.append(f"kNN top-1 {100 * result['knn_top1']:.1f} %" +
-                 (f" (random init {100 * init:.1f} %)" if _finite(init) else ""))
+                 (f" ({start} {100 * init:.1f} %)" if _finite(init) else ""))
   if _finite(result.get("linear_top1")):
     parts.append(f"linear probe {100 * result['linear_top1']:.1f} %")
   return ", ".join(parts) or None

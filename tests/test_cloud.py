@@ -269,6 +269,9 @@ def test_the_eta_counts_training_steps_only(monkeypatch):
 ])
 def test_the_result_line_names_only_computed_metrics(result, line):
   assert main_lib.result_line(result) == line
+  if "random_init" in result:  # a run started from exported weights says so
+    assert main_lib.result_line(result, "exp/") == line.replace("random init",
+                                                                 "initialised from exp/:")
 
 
 def test_help_names_configs_losses_models_and_datasets_fast():
