@@ -33,13 +33,6 @@ from contrastive_jax.data import pipeline
 from contrastive_jax.losses import registry
 
 
-def renamed_fields() -> dict:
-  """{old dotted config field: new} of the renamed loss options (a stored config.json of
-  an earlier release still uses the old names)."""
-  return {f"loss_options.{loss}.{old}": f"loss_options.{loss}.{new}"
-          for loss, names in registry.renamed_options().items() for old, new in names.items()}
-
-
 def _print(*args):
   if jax.process_index() == 0:
     print(*args, flush=True)
@@ -134,7 +127,8 @@ def _open_writer(cfg, workdir, start, lock) -> summary.MetricWriter:
 def _train(cfg, workdir, stop_at, setup, lock, mesh, stop) -> dict:
   task = setup.task
   mngr = checkpointing.manager(workdir)
-  checkpointing.check_resume(cfg, workdir, mngr, task.mutable_on_resume, renamed_fields())
+  checkpointing.check_resume(cfg, workdir, mngr, task.mutable_on_resume,
+                             registry.renamed_config_fields())
   shardings = step_lib.shardings(setup, mesh)
   state, mngr = _start(cfg, workdir, setup, mesh, shardings, mngr)
   start = int(state["step"])

@@ -465,7 +465,7 @@ def test_a_stored_config_with_the_old_option_names_resumes():
     for before, after in names.items():
       old["loss_options"][loss][before] = old["loss_options"][loss].pop(after)
   assert checkpointing.config_changes(old, cfg) != []  # without the map they differ
-  assert checkpointing.config_changes(old, cfg, renamed=train.renamed_fields()) == []
+  assert checkpointing.config_changes(old, cfg, renamed=L.registry.renamed_config_fields()) == []
   old["loss_options"]["gamma"]["rate_decay"] = 0.25
-  assert checkpointing.config_changes(old, cfg, renamed=train.renamed_fields()) == [
+  assert checkpointing.config_changes(old, cfg, renamed=L.registry.renamed_config_fields()) == [
       "loss_options.gamma.rate: 0.25 -> 0.5"]

@@ -94,6 +94,13 @@ def renamed_options() -> dict:
           if getattr(e.fn, "renamed", None)}
 
 
+def renamed_config_fields() -> dict:
+  """{old dotted config field: new} of the renamed options (`loss_options.LOSS.OPTION`, as
+  a stored config.json of an earlier release still names them)."""
+  return {f"loss_options.{loss}.{old}": f"loss_options.{loss}.{new}"
+          for loss, names in renamed_options().items() for old, new in names.items()}
+
+
 def upgrade_options(name: str, opts: Optional[dict]) -> dict:
   """opts with the loss's renamed options under their new names (a DeprecationWarning
   for each old one)."""
