@@ -100,7 +100,7 @@ def run_one(fw, name, weights, seed, args) -> dict:
           "command": " ".join(cmd), **flat({k: v for k, v in result.items() if k != "step"}),
           "final_loss": train[-1]["loss"], "examples_per_s": float(np.median(
               [r["examples_per_s"] for r in train[1:]] or [0.0])), "zero_shot_curve": curve,
-          "workdir": workdir}
+          "workdir": str(workdir)}
 
 
 def main():
