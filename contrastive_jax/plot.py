@@ -82,7 +82,8 @@ def pca_2d(x: np.ndarray) -> np.ndarray:
 
 
 def plot_modalities(img: np.ndarray, txt: np.ndarray, path: str,
-                    labels: Optional[np.ndarray] = None, title: str = "") -> str:
+                    labels: Optional[np.ndarray] = None, title: str = "",
+                    class_name: str = "class") -> str:
   """PCA of the normalised image and text embeddings [N, D] in one projection.
 
   Marker = modality (o image, x text), colour = class (a legend entry per class); the
@@ -102,10 +103,9 @@ def plot_modalities(img: np.ndarray, txt: np.ndarray, path: str,
              plt.Line2D([], [], marker="x", ls="", color="grey", label="text")]
   if labels is not None:
     cmap = plt.get_cmap("tab10")
-    handles += [plt.Line2D([], [], marker="s", ls="", color=cmap(int(c) % 10), label=str(c))
-                for c in np.unique(labels)]
-  ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5),
-            title="class" if labels is not None else None, title_fontsize=7)
+    handles += [plt.Line2D([], [], marker="s", ls="", color=cmap(int(c) % 10),
+                           label=f"{class_name} {c}") for c in np.unique(labels)]
+  ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
   gap = float(metrics.modality_gap(img, txt))
   ax.set_title(f"{title + ': ' if title else ''}modality gap {gap:.3f} (n = {n} pairs)",
                fontsize=9)

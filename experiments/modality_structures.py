@@ -278,7 +278,7 @@ def plot_embeddings(rows, out, n=500):
     _, test = task.eval_data(limit=1)
     e = task.embed_all(state["params"], test["image"][:n], test["captions"][:n, 0])
     plot.plot_modalities(e["img"], e["txt"], path, test["label"][:n],
-                         title=f"two-tower {r['variant']}, seed 0")
+                         title=f"two-tower {r['variant']}, seed 0", class_name="digit")
 
 
 if __name__ == "__main__":
