@@ -47,10 +47,11 @@ def section(cfg: ml_collections.ConfigDict, fields: dict) -> ml_collections.Conf
     ValueError: naming a field the task needs that cfg lacks.
   """
   fields = {**{name: REQUIRED for name in SHARED}, **fields}
+  task = cfg["task"] if "task" in cfg else None
   for name, default in fields.items():
     if default is REQUIRED and name not in cfg:
-      raise ValueError(f"the {cfg['task'] if 'task' in cfg else ''!r} task needs --config.{name}, which this "
-                       "config lacks (see configs/)")
+      raise ValueError(f"the {task!r} task needs --config.{name}, which this config lacks "
+                       "(see configs/)")
   return ml_collections.ConfigDict({name: cfg[name] if name in cfg else default
                                     for name, default in fields.items()})
 
