@@ -33,7 +33,7 @@ def test_four_device_gamma_steps_equal_the_one_device_runs_of_each_device(eps_sh
   seed, n, batch, shards = 11, 64, 32, 4
   mesh = Mesh(np.array(jax.devices()[:shards]), ("data",))
   fn = lambda *a, axis_name=None: losses.gamma_loss(
-      *a, temperature=linen_port.T, shape=eps_shape, rate_decay=0.5, axis_name=axis_name)
+      *a, temperature=linen_port.T, eps_shape=eps_shape, rate=0.5, axis_name=axis_name)
   sharded = jax.jit(jax.shard_map(
       lambda *a: fn(*a, axis_name="data"), mesh=mesh,
       in_specs=(P("data"), P("data"), P(), P("data"), P()), out_specs=(P(), P())))
