@@ -248,13 +248,14 @@ class MetricWriter:
     self.workdir, self.enabled, self.fence = workdir, enabled, fence
     self.progress = progress
     self.dead: Optional[str] = None
-    self.log = self.tb = None
+    self.log = None
     self.sinks = []  # what every record goes to besides metrics.jsonl
     if enabled:
       self.guarded(lambda: None)
       self.log = self._io(lambda: workdir_lib.MetricsLog(workdir, start))
-      self.tb = self._io(lambda: Writer(workdir, start, enabled=tensorboard))
-      self.sinks = [self.tb] + ([self._io(wandb)] if wandb else [])
+      self.sinks = [self._io(lambda: Writer(workdir, start, enabled=tensorboard))]
+      if wandb:
+        self.sinks.append(self._io(wandb))
 
   @classmethod
   def for_run(cls, cfg: Any, workdir: Any, start: int, lead: bool,
@@ -313,10 +314,11 @@ class MetricWriter:
     """Appends {"step", "phase", **record} to the log and record's numbers to TensorBoard."""
     if not self.enabled:
       return
+    scalars_of = {k: v for k, v in record.items() if k != "random_init"}
     def every():
       self.log.write({"step": step, "phase": phase, **record})
       for sink in self.sinks:
-        sink.write(step, {k: v for k, v in record.items() if k != "random_init"}, phase)
+        sink.write(step, scalars_of, phase)
     self.guarded(every)
 
   def flush(self) -> None:
@@ -336,4 +338,4 @@ class MetricWriter:
         sink.close()
       except Exception:  # noqa: BLE001  (the run is ending; W&B raises many kinds)
         pass
-    self.sinks, self.tb = [], None
+    self.sinks = []
