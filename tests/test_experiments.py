@@ -147,3 +147,35 @@ def test_the_committed_verdicts_are_recomputed_from_runs_csv(name):
     got = json.loads(json.dumps(A.summarise(rows, baseline, metric)))
     assert got == summary, (name, metric)
   assert A.merge_rows(rows, rows) == A.merge_rows(rows, [])  # a row is never counted twice
+
+
+def test_caption_ceiling_oracle_on_a_hand_made_split():
+  from experiments import caption_ceiling as C
+  # Images 0 and 1 look alike (digit 3, same strokes and colour); image 2 is a 7.
+  attrs = np.array([[3, 0, 0, 1], [3, 0, 0, 1], [7, 2, 1, 0]])
+  digit, full = ("digit",), ("digit", "thickness", "slant", "colour")
+  named = [[digit, digit, digit], [digit, full, full], [digit, digit, digit]]
+  out = C.ceiling(attrs, named)
+  # Groups: "a 3" (4 captions, all of the look-alikes), "3, thin, upright, green" (2, of
+  # the look-alikes), "a 7" (3, of image 2). Text -> image: "a 3" picks one of the two
+  # look-alikes, 4 queries x 1/2; the full caption 2 x 1/2; "a 7" 3 x 1.
+  assert out["oracle_t2i_R@1"] == pytest.approx((2 + 1 + 3) / 9)
+  # Image -> text: the look-alikes' content holds all of "a 3" and all of the full group
+  # (one hit between the two images either way); image 2 holds all of "a 7".
+  assert out["oracle_i2t_R@1"] == pytest.approx((1 + 1) / 3)
+  # False negatives: each of the 6 captions of the look-alikes agrees with 1 of 2 others.
+  assert out["false_negative_rate"] == pytest.approx(6 * (1 / 2) / 9)
+  assert (out["contents"], out["caption_groups"]) == (2, 3)
+
+
+def test_caption_ceiling_replays_the_stored_test_split():
+  from contrastive_jax.data import pipeline
+  from experiments import caption_ceiling as C
+  attrs, named = C.test_split()
+  source = pipeline.open_splits("captioned_digits", None, "test")[1]()
+  stored = np.array([[r["label"], r["thickness"], r["slant"], r["colour"]]
+                     for r in (source[i] for i in range(len(source)))])
+  # TFDS stores the split in its own order: the same examples, as a multiset.
+  assert len(named) == len(stored) and all(len(n) == 3 for n in named)
+  np.testing.assert_array_equal(np.sort(stored.view("i8,i8,i8,i8"), axis=0),
+                                np.sort(attrs.astype(stored.dtype).view("i8,i8,i8,i8"), axis=0))

@@ -1,0 +1,105 @@
+"""How well can ANY model retrieve on the captioned digits? An oracle's retrieval R@1.
+
+A caption names some of its image's attributes (digit, thickness, slant, colour) and a
+writer that no image shows; the image shows its position, which no caption names. So a
+model that knew everything could still only see an image's *content* (its four named
+attributes) and a caption's *group* (which attributes it names, with which values), and
+the examples that share a content or a group are interchangeable. The oracle answers
+every query of a content (or group) with the group (or content) that holds the most of
+its matches per member, a random member of it:
+  image -> text:  R@1 = 1/N sum over contents x of max_G C[G, x] / |G|,
+  text -> image:  R@1 = 1/M sum over groups G of max_x C[G, x] / |x|,
+with C[G, x] the captions of group G whose image has content x, |G| the captions of a
+group and |x| the images of a content (N images, M captions of the test split).
+Also: the chance that an in-batch negative agrees with the anchor's caption (a false
+negative for the contrastive loss), and how many a batch of b holds on average.
+
+  python experiments/caption_ceiling.py --out results/caption_ceiling     # seconds
+
+Writes ceiling.json.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from contrastive_jax.data import builders, captions  # noqa: E402  (after the path set-up)
+
+VISIBLE = ("digit", "thickness", "slant", "colour")  # named by captions and shown by images
+
+
+def named_attributes(template: str) -> tuple[str, ...]:
+  """The image-visible attributes a caption template names."""
+  return tuple(a for a in VISIBLE if "{" + a + "}" in template)
+
+
+def test_split() -> tuple[np.ndarray, list[list[tuple[str, ...]]]]:
+  """(attributes [N, 4] of the test images, the templates' named attributes per caption).
+
+  The captions are drawn exactly as the dataset builder draws them (same seed, same
+  order), so this is the committed dataset's test split."""
+  images, labels = builders.MlxtendMnist._arrays()
+  rng = np.random.default_rng(0)  # captions.generate's draws, replayed
+  derived = captions.image_attributes(images)
+  rows, named = [], []
+  for i in range(len(images)):
+    colour, _position, _writer = (int(rng.integers(3)) for _ in range(3))
+    chosen = rng.choice(len(captions.TEMPLATES), captions.CAPTIONS_PER_IMAGE, replace=False)
+    rows.append((int(labels[i]), int(derived["thickness"][i]), int(derived["slant"][i]), colour))
+    named.append([named_attributes(captions.TEMPLATES[t]) for t in chosen])
+  test = builders._split_indices(len(images), "test")
+  return np.asarray(rows)[test], [named[i] for i in test]
+
+
+def ceiling(attrs: np.ndarray, named: list[list[tuple[str, ...]]]) -> dict:
+  """The oracle's R@1 both ways and the false-negative rate of a random negative.
+
+  attrs: [N, 4] the images' values of VISIBLE; named: per image, the attributes each of
+  its captions names."""
+  n = len(attrs)
+  contents = {}
+  content = np.array([contents.setdefault(tuple(a), len(contents)) for a in attrs.tolist()])
+  groups, group, owner = {}, [], []
+  for i, names in enumerate(named):
+    for ns in names:
+      key = (ns, tuple(int(attrs[i, VISIBLE.index(a)]) for a in ns))
+      group.append(groups.setdefault(key, len(groups)))
+      owner.append(i)
+  group, owner = np.asarray(group), np.asarray(owner)
+  counts = np.zeros((len(groups), len(contents)))  # C[G, x]
+  np.add.at(counts, (group, content[owner]), 1.0)
+  size_g, size_x = counts.sum(1), np.bincount(content)
+  i2t = float((counts / size_g[:, None]).max(0).sum() / n)
+  t2i = float((counts / size_x[None, :]).max(1).sum() / len(owner))
+  # A negative image j of caption m agrees with it when it shows every attribute m names.
+  agree = np.zeros(len(owner))
+  for m, (o, ns) in enumerate((o, ns) for o, names in enumerate(named) for ns in names):
+    agree[m] = np.logical_and.reduce(
+        [attrs[:, VISIBLE.index(a)] == attrs[o, VISIBLE.index(a)] for a in ns]).sum() - 1
+  false_rate = float(np.mean(agree / (n - 1)))
+  return {"test_images": n, "test_captions": int(len(owner)), "contents": len(contents),
+          "caption_groups": len(groups),
+          "oracle_i2t_R@1": i2t, "oracle_t2i_R@1": t2i, "oracle_mean_R@1": (t2i + i2t) / 2,
+          "false_negative_rate": false_rate,
+          "false_negatives_per_batch": {b: false_rate * (b - 1) for b in (16, 32, 64, 256)}}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", default="results/caption_ceiling")
+  args = parser.parse_args()
+  result = ceiling(*test_split())
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "ceiling.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+  main()
