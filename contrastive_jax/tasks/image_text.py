@@ -238,15 +238,19 @@ class TwoTowerTask(base.Task):
 
   def eval_probes(self, c: dict) -> dict:
     """Linear probes: digit on encoder features and on the image embedding; position
-    (image only) on the image embedding; writer (caption only) on the text embedding."""
+    (image only) on the image embedding; writer (caption only, where the dataset has
+    one: not the described digits) on the text embedding."""
     train, test, e = c["train"], c["test"], c["emb"]
     tr = self.embed_all(c["params"], train["image"], train["captions"][:, 0])
-    return {"linear_probe": {
+    probes = {
         "digit_from_features": _probe(tr["features"], train["label"], e["features"],
                                       test["label"]),
         "position_from_img": _probe(tr["img"], train["position"], e["img"], test["position"]),
-        "writer_from_txt": _probe(tr["txt"], train["writer"], e["txt_first"], test["writer"]),
-        "digit_from_img": _probe(tr["img"], train["label"], e["img"], test["label"])}}
+        "digit_from_img": _probe(tr["img"], train["label"], e["img"], test["label"])}
+    if "writer" in train:
+      probes["writer_from_txt"] = _probe(tr["txt"], train["writer"], e["txt_first"],
+                                         test["writer"])
+    return {"linear_probe": probes}
 
   def eval_vector_probes(self, c: dict) -> dict:
     train, test, e = c["train"], c["test"], c["emb"]
