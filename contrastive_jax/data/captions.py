@@ -120,6 +120,11 @@ class Tokenizer:
     return " ".join(self.vocab[i] for i in ids if i not in (PAD, CLS, SEP))
 
 
+def tokenizer() -> Tokenizer:
+  """The tokenizer of this grammar (and of the fusion tasks' questions and hypotheses)."""
+  return Tokenizer.from_grammar()
+
+
 def image_attributes(images: np.ndarray, levels: int = 3) -> dict:
   """thickness and slant buckets [N] of grey images uint8 [N, 28, 28, 1], from the
   dataset's quantiles (`levels` equal shares; tertiles by default)."""

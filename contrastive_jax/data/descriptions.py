@@ -52,6 +52,7 @@ def vocabulary() -> list[str]:
 
 
 def tokenizer() -> captions.Tokenizer:
+  """The word-level tokenizer over `vocabulary()`."""
   return captions.Tokenizer(vocabulary(), captions.MAX_LEN)
 
 
@@ -69,7 +70,7 @@ def describe(template: str, attrs: dict) -> str:
 
 
 def generate(images: np.ndarray, labels: np.ndarray, seed: int,
-             tok: captions.Tokenizer) -> Iterator[tuple[np.ndarray, np.ndarray, dict]]:
+             tokenizer: captions.Tokenizer) -> Iterator[tuple[np.ndarray, np.ndarray, dict]]:
   """Yields (image uint8 [32, 32, 3], tokens int32 [CAPTIONS_PER_IMAGE, L], attributes)."""
   rng = np.random.default_rng(seed)
   derived = captions.image_attributes(images, levels=5)
@@ -79,5 +80,5 @@ def generate(images: np.ndarray, labels: np.ndarray, seed: int,
              "colour": int(rng.integers(len(ATTRIBUTES["colour"]))),
              "position": int(rng.integers(len(ATTRIBUTES["position"])))}
     chosen = rng.choice(len(TEMPLATES), CAPTIONS_PER_IMAGE, replace=False)
-    tokens = np.stack([tok.encode(describe(TEMPLATES[t], attrs), strict=True) for t in chosen])
+    tokens = np.stack([tokenizer.encode(describe(TEMPLATES[t], attrs), strict=True) for t in chosen])
     yield render(images[i], attrs["colour"], attrs["position"]), tokens, attrs
