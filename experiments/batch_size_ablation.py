@@ -77,6 +77,10 @@ VARIANTS = {
     # Image-text (the two-tower task): the gamma ITC with eps ~ Gamma(1) and with eps = 1.
     "gamma_clip": ("gamma_clip", {"loss_options.gamma_clip.eps_shape": 1.0}),
     "gamma_clip_inf": ("gamma_clip", {"loss_options.gamma_clip.eps_shape": math.inf}),
+    # ... and with SogCLR's order (u from the estimate that already holds the batch): with
+    # eps = 1 this is SogCLR's gradient for the two-modality loss.
+    "gamma_clip_inf_first": ("gamma_clip", {"loss_options.gamma_clip.eps_shape": math.inf,
+                                            "loss_options.gamma_clip.update_first": True}),
 }
 
 
