@@ -449,10 +449,16 @@ def _plot_against_epochs(summary: list, path: str, series, ylabel: str, title: s
     ax.set_title(f"{dataset}, {protocol}, t = {t:g}\n{title}, n = {n} seeds", fontsize=9)
     ax.grid(alpha=0.3)
   legend = {label: legend[label] for label in colours}
-  fig.legend(list(legend.values()), list(legend), loc="lower center",
-             ncol=min(len(legend), 5), fontsize=8)
+  # About two entries fit under a panel: a one-panel figure gets 2 columns, not 5.
+  ncol = min(len(legend), 2 * min(3, len(panels)) - (len(panels) >= 3))
+  fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=ncol, fontsize=8)
   fig.suptitle(suptitle, fontsize=10)
-  fig.tight_layout(rect=(0, 0.04 + 0.05 * math.ceil(len(legend) / 5), 1, 0.97))
+  # The legend (about 0.25 in a row) and the two-line title get room of their own.
+  width, height = fig.get_size_inches()
+  below, above = 0.15 + 0.25 * math.ceil(len(legend) / ncol), 0.5
+  fig.set_size_inches(width, height + below + above)
+  fig.tight_layout(rect=(0, below / (height + below + above), 1,
+                         1 - above / (height + below + above)))
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
