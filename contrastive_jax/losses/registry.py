@@ -61,8 +61,9 @@ LOSSES: dict[str, Entry] = {
     "sigmoid": Entry(sigmoid.sigmoid_loss, defaults={"bias": -5.0}),  # -1/(2 t) at t = 0.1
     "sogclr": Entry(sogclr.sogclr_loss, init_state=lambda n, o: sogclr.init_sogclr_state(
         n, shared=o["shared_state"])),
-    # Their defaults (rate 0.5; eps = 1 for two views, shape 1 for gamma_clip: not
-    # re-measured there) are the functions' own: see gamma.gamma_loss.
+    # Their defaults (rate 0.5; eps = 1 for two views, shape 1 for gamma_clip) are the
+    # functions' own: see gamma.gamma_loss. configs/captions_gamma.py sets gamma_clip's
+    # measured best (eps = 1, update_first).
     "gamma": Entry(gamma.gamma_loss, init_state=_gamma_state, random=True),
     "gamma_clip": Entry(gamma.gamma_clip_loss, init_state=_gamma_state, random=True),
 }
