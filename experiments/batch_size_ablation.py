@@ -451,7 +451,7 @@ def _plot_against_epochs(summary: list, path: str, series, ylabel: str, title: s
     ax.grid(alpha=0.3)
   legend = {label: legend[label] for label in colours}
   # About two entries fit under a panel: a one-panel figure gets 2 columns, not 5.
-  ncol = min(len(legend), 2 * min(3, len(panels)) - (len(panels) >= 3))
+  ncol = min(len(legend), {1: 2, 2: 4}.get(len(panels), 5))
   fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=ncol, fontsize=8)
   fig.suptitle(suptitle, fontsize=10)
   # The legend (about 0.25 in a row) and the two-line title get room of their own.

@@ -63,5 +63,4 @@ def test_five_levels_split_at_quintiles():
   level = captions.image_attributes(images, levels=5)["thickness"]
   assert np.bincount(level).tolist() == [40] * 5
   assert np.all(np.diff([mass[level == k].max() for k in range(5)]) > 0)
-  np.testing.assert_array_equal(captions.image_attributes(images)["thickness"],
-                                captions.image_attributes(images, levels=3)["thickness"])
+  assert sorted(np.bincount(captions.image_attributes(images)["thickness"])) == [66, 67, 67]
